@@ -1,0 +1,1 @@
+"""Pretrained checkpoints (``NAME.pt``) and their manifests (``NAME.json``)."""

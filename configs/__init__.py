@@ -1,0 +1,1 @@
+"""LightningCLI configs, one YAML file per registered model."""

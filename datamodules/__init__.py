@@ -1,0 +1,1 @@
+"""LightningDataModules of the zoo, one module per data family."""
