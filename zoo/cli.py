@@ -1,0 +1,164 @@
+"""The ``zoo`` command: LightningCLI subcommands plus ``train`` and ``list``.
+
+- ``zoo fit|validate|test|predict --config FILE`` are LightningCLI's subcommands. Any
+  LightningModule and LightningDataModule can be named by ``class_path`` in the config.
+- ``zoo train NAME [--overrides]`` runs ``fit`` with the registered model's config.
+- ``zoo list [PATTERN]`` prints the registered models and the pretrained checkpoints.
+
+Unless the config sets them, every run gets ``trainer.default_root_dir = runs/NAME``, a
+CSV logger and an offline Weights & Biases logger under it, a ``ModelCheckpoint`` in
+``runs/NAME/checkpoints`` that keeps ``last.ckpt`` (so ``--ckpt_path last`` resumes), RNG
+states in every checkpoint, and line-based progress when stdout is not a terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+from zoo import hub
+from zoo.callbacks.progress import LineProgress
+from zoo.callbacks.resume import RNGStateCheckpoint
+
+logger = logging.getLogger(__name__)
+
+RUNS_DIR = "runs"
+WANDB_PROJECT = "zoo"
+
+
+class ZooCLI(LightningCLI):
+    """LightningCLI with the zoo's default loggers, checkpointing and progress output."""
+
+    def __init__(self, args: list[str] | None = None, run_name: str | None = None) -> None:
+        self.run_name = run_name
+        super().__init__(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            parser_kwargs={"default_env": False},
+        )
+
+    def _resolve_run_name(self) -> str:
+        if self.run_name:
+            return self.run_name
+        config_files = self._get(self.config, "config") or []
+        if config_files:
+            return Path(str(config_files[-1])).stem
+        model = self._get(self.config, "model")
+        class_path = getattr(model, "class_path", None) or "model"
+        return class_path.rsplit(".", 1)[-1].lower()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        run_name = self._resolve_run_name()
+        root = trainer_config.get("default_root_dir") or os.path.join(RUNS_DIR, run_name)
+        kwargs.setdefault("default_root_dir", root)
+
+        configured_logger = trainer_config.get("logger")
+        if configured_logger is None or configured_logger is True:
+            kwargs.setdefault("logger", default_loggers(root, run_name))
+
+        callbacks = list(trainer_config.get("callbacks") or [])
+        callbacks.extend(kwargs.pop("callbacks", []) or [])
+        if not any(isinstance(callback, ModelCheckpoint) for callback in callbacks):
+            callbacks.append(ModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), save_last=True))
+        if not any(isinstance(callback, RNGStateCheckpoint) for callback in callbacks):
+            callbacks.append(RNGStateCheckpoint())
+        progress_enabled = trainer_config.get("enable_progress_bar") is not False
+        has_progress = any(isinstance(callback, ProgressBar) for callback in callbacks)
+        if progress_enabled and not has_progress and not sys.stdout.isatty():
+            callbacks.append(LineProgress())
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+
+def default_loggers(root: str, run_name: str) -> list[Logger]:
+    """Return the CSV logger and, unless ``WANDB_MODE=disabled``, a Weights & Biases logger.
+
+    Weights & Biases runs offline (files under ``ROOT/wandb``) unless the environment sets
+    ``WANDB_MODE=online``; ``wandb sync`` uploads an offline run later.
+    """
+    loggers: list[Logger] = [CSVLogger(save_dir=root, name="csv")]
+    wandb_mode = os.environ.get("WANDB_MODE", "offline").lower()
+    if wandb_mode != "disabled":
+        loggers.append(
+            WandbLogger(
+                save_dir=root,
+                project=WANDB_PROJECT,
+                name=run_name,
+                offline=wandb_mode != "online",
+            )
+        )
+    return loggers
+
+
+def format_listing(pattern: str = "*") -> str:
+    """Return the table that ``zoo list`` prints: registered models, then checkpoints."""
+    lines = ["Registered models (zoo train NAME):"]
+    models = hub.list_models(pattern)
+    lines.extend(f"  {name}" for name in models)
+    if not models:
+        lines.append("  (none)")
+    lines.append("")
+    lines.append("Pretrained checkpoints (zoo.load_pretrained(NAME)):")
+    checkpoints = hub.list_pretrained(pattern)
+    for name in checkpoints:
+        manifest = hub.read_manifest(name)
+        metric = manifest.get("metric", {})
+        value = metric.get("value")
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        line = f"  {name:<24} model={manifest.get('model')}  {metric.get('name')}={shown}"
+        line += f" on {metric.get('data')}"
+        privacy = (manifest.get("extra") or {}).get("privacy")
+        if privacy:
+            line += f"  epsilon={privacy.get('epsilon'):.3g} delta={privacy.get('delta'):.1e}"
+        lines.append(line)
+    if not checkpoints:
+        lines.append("  (none)")
+    return "\n".join(lines)
+
+
+USAGE = """usage: zoo {fit,validate,test,predict} --config FILE [--key value ...]
+       zoo train NAME [--key value ...]
+       zoo list [PATTERN]
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the ``zoo`` command with ``argv`` (default: ``sys.argv[1:]``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else ""
+    if command == "list":
+        pattern = argv[1] if len(argv) > 1 else "*"
+        sys.stdout.write(format_listing(pattern) + "\n")
+        return
+    if command == "train":
+        if len(argv) < 2 or argv[1].startswith("-"):
+            sys.stderr.write(f"zoo train: missing model NAME.\n{USAGE}")
+            raise SystemExit(2)
+        name = argv[1]
+        try:
+            path = hub.config_path(name)
+        except KeyError as error:
+            sys.stderr.write(f"zoo train: {error.args[0]}\n")
+            raise SystemExit(2) from None
+        ZooCLI(args=["fit", "--config", str(path), *argv[2:]], run_name=name)
+        return
+    if command in ("-h", "--help", ""):
+        sys.stdout.write(USAGE)
+        if command:
+            return
+        raise SystemExit(2)
+    ZooCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

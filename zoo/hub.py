@@ -1,0 +1,327 @@
+"""Registry of named models and their pretrained checkpoints.
+
+A *registered model* is a LightningCLI config ``configs/NAME.yaml`` (installed as
+``zoo/configs``). A *pretrained checkpoint* is a pair ``checkpoints/NAME.pt`` and
+``checkpoints/NAME.json`` (installed as ``zoo/checkpoints``), where the JSON manifest
+records the file's SHA-256, the registered model it was trained from, the metric it
+reaches with the data and protocol of that measurement, the model's hyperparameters and
+the license of the training data.
+
+Checkpoint files hold plain values only (tensors, numbers, strings, lists, dicts), so they
+load with ``torch.load(weights_only=True)`` and never unpickle arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import importlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "zoo-checkpoint-v1"
+CACHE_DIR_ENV = "ZOO_CACHE_DIR"
+
+
+def config_dir() -> Path:
+    """Return the folder that holds the registered models' YAML configs."""
+    return Path(str(resources.files("zoo.configs")))
+
+
+def checkpoint_dir() -> Path:
+    """Return the folder that holds the shipped checkpoints and their manifests."""
+    return Path(str(resources.files("zoo.checkpoints")))
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Return the sorted names of registered models that match a shell-style ``pattern``."""
+    names = (path.stem for path in config_dir().glob("*.yaml"))
+    return sorted(name for name in names if fnmatch.fnmatchcase(name, pattern))
+
+
+def list_pretrained(pattern: str = "*") -> list[str]:
+    """Return the sorted names of pretrained checkpoints that match ``pattern``."""
+    names = (path.stem for path in checkpoint_dir().glob("*.json"))
+    return sorted(name for name in names if fnmatch.fnmatchcase(name, pattern))
+
+
+def _unknown_name_error(kind: str, name: str, known: list[str]) -> KeyError:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return KeyError(
+        f"Unknown {kind} {name!r}.{hint} Run `zoo list` to see all {len(known)} names."
+    )
+
+
+def config_path(name: str) -> Path:
+    """Return the path of the registered model's config.
+
+    Raises:
+        KeyError: if ``name`` is not registered; the message suggests the closest names.
+    """
+    path = config_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise _unknown_name_error("model", name, list_models())
+    return path
+
+
+def load_config(name: str) -> dict[str, Any]:
+    """Return the parsed YAML config of a registered model."""
+    with open(config_path(name)) as handle:
+        return yaml.safe_load(handle)
+
+
+def import_class(class_path: str) -> type:
+    """Import ``package.module.ClassName`` and return the class."""
+    module_name, _, class_name = class_path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"Invalid class path {class_path!r}: expected 'package.module.Class'.")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, class_name)
+    except AttributeError as error:
+        raise ImportError(f"Module {module_name!r} has no class {class_name!r}.") from error
+
+
+def create_model(name: str, pretrained: bool = False, **overrides: Any) -> torch.nn.Module:
+    """Build the registered model ``name`` from its config.
+
+    Args:
+        name: a registered model name (see :func:`list_models`).
+        pretrained: load the pretrained checkpoint of the same name (or the first one
+            whose manifest names this model) instead of random weights.
+        **overrides: constructor arguments that replace the config's ``model.init_args``.
+
+    Raises:
+        KeyError: for an unknown model name, or ``pretrained=True`` without a checkpoint.
+        TypeError: for an override that the model's constructor does not accept.
+    """
+    config = load_config(name)
+    model_section = config.get("model") or {}
+    class_path = model_section.get("class_path")
+    if not class_path:
+        raise ValueError(f"Config {config_path(name)} has no model.class_path.")
+    cls = import_class(class_path)
+    init_args = dict(model_section.get("init_args") or {})
+    init_args.update(overrides)
+    if not pretrained:
+        return cls(**init_args)
+
+    checkpoint_name = _pretrained_for_model(name)
+    module = load_pretrained(checkpoint_name)
+    if overrides:
+        # Rebuild with the overrides and copy over every weight whose shape still fits,
+        # so that e.g. a new number of classes keeps the pretrained backbone.
+        fresh = cls(**{**dict(module.hparams), **overrides})
+        _load_matching(fresh, module.state_dict())
+        return fresh
+    return module
+
+
+def _pretrained_for_model(model_name: str) -> str:
+    names = list_pretrained()
+    if model_name in names:
+        return model_name
+    for name in names:
+        if read_manifest(name).get("model") == model_name:
+            return name
+    raise KeyError(
+        f"Model {model_name!r} has no pretrained checkpoint. Pretrained checkpoints: "
+        f"{', '.join(names) or 'none'}; use create_model({model_name!r}) for random weights."
+    )
+
+
+def _load_matching(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    own = module.state_dict()
+    kept = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(set(own) - set(kept))
+    if skipped:
+        logger.info("Kept random initialisation for %d tensors: %s", len(skipped), skipped)
+    module.load_state_dict(kept, strict=False)
+
+
+def read_manifest(name: str) -> dict[str, Any]:
+    """Return the JSON manifest of the pretrained checkpoint ``name``."""
+    path = checkpoint_dir() / f"{name}.json"
+    if not path.is_file():
+        raise _unknown_name_error("pretrained checkpoint", name, list_pretrained())
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Return the hex SHA-256 digest of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _resolve_checkpoint_file(manifest: dict[str, Any]) -> Path:
+    local = checkpoint_dir() / manifest["file"]
+    if local.is_file():
+        return local
+    url = manifest.get("url")
+    if not url:
+        raise FileNotFoundError(
+            f"Checkpoint file {local} is missing and the manifest names no URL. "
+            "Reinstall the package to restore it."
+        )
+    from zoo.datamodules.paths import download_with_checksum
+
+    cache = Path(os.environ.get(CACHE_DIR_ENV, Path.home() / ".cache" / "zoo" / "checkpoints"))
+    return download_with_checksum(url, cache / manifest["file"], manifest["sha256"])
+
+
+def verify_checkpoint(path: str | os.PathLike, expected_sha256: str) -> None:
+    """Check a checkpoint file against its manifest hash before anything reads it.
+
+    Raises:
+        ValueError: naming the file and both hashes when they differ.
+    """
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise ValueError(
+            f"Checkpoint {path} failed verification: manifest sha256 {expected_sha256}, "
+            f"file sha256 {actual}. The file is truncated, corrupted or replaced; reinstall "
+            "the package or re-download the checkpoint."
+        )
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a zoo checkpoint file with ``weights_only=True`` and check its layout."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError or EOFError here
+        raise ValueError(
+            f"Checkpoint {path} could not be read ({type(error).__name__}: {error}). "
+            "It is truncated or not a zoo checkpoint; re-export it with "
+            "zoo.hub.export_pretrained."
+        ) from error
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"Checkpoint {path} is not in the {CHECKPOINT_FORMAT!r} format; re-export it with "
+            "zoo.hub.export_pretrained."
+        )
+    return payload
+
+
+def load_pretrained(name: str, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load the pretrained checkpoint ``name`` as a ready model in eval mode.
+
+    The file's SHA-256 is checked against the manifest first; a mismatch raises
+    ``ValueError`` naming the file and both hashes. The returned LightningModule can be
+    fine-tuned directly with a user's own ``Trainer`` and datamodule.
+    """
+    manifest = read_manifest(name)
+    path = _resolve_checkpoint_file(manifest)
+    verify_checkpoint(path, manifest["sha256"])
+    payload = load_checkpoint_file(path)
+    cls = import_class(payload["class_path"])
+    module = cls(**payload["hyper_parameters"])
+    module.load_state_dict(payload["state_dict"], strict=True)
+    extra = payload.get("extra") or {}
+    if extra and hasattr(module, "on_load_pretrained_extra"):
+        module.on_load_pretrained_extra(extra)
+    module.zoo_pretrained = {"name": name, "extra": extra, "metric": manifest.get("metric")}
+    return module.to(map_location).eval()
+
+
+def _check_plain(value: Any, where: str) -> None:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where} has a non-string key {key!r}; use string keys.")
+            _check_plain(item, f"{where}.{key}")
+        return
+    raise TypeError(
+        f"{where} is a {type(value).__name__}, not a plain value. Checkpoints load with "
+        "weights_only=True, so hyperparameters must be numbers, strings, lists or dicts; "
+        "choose sub-modules by name and keyword arguments instead of passing objects."
+    )
+
+
+def export_pretrained(
+    module: torch.nn.Module,
+    name: str,
+    *,
+    model: str,
+    metric: Mapping[str, Any],
+    data_license: str,
+    extra: Mapping[str, Any] | None = None,
+    out_dir: str | os.PathLike = "checkpoints",
+    url: str | None = None,
+) -> Path:
+    """Write ``NAME.pt`` and its manifest ``NAME.json`` into ``out_dir``.
+
+    Args:
+        module: a LightningModule whose ``hparams`` rebuild it.
+        name: the pretrained checkpoint's name, e.g. ``"face-unpg"``.
+        model: the registered model (config name) it was trained from.
+        metric: ``{"name", "value", "data", "protocol"}`` of the reached metric.
+        data_license: license of the training data.
+        extra: plain values stored beside the weights (for example a privacy state), also
+            copied into the manifest.
+        out_dir: destination folder, by default the repository's ``checkpoints/``.
+        url: where larger weights can be downloaded from, if the file is not shipped.
+
+    Returns:
+        The path of the written manifest.
+    """
+    missing = {"name", "value", "data", "protocol"} - set(metric)
+    if missing:
+        raise ValueError(f"metric is missing {sorted(missing)}; got {dict(metric)}.")
+    hyper_parameters = dict(getattr(module, "hparams", {}))
+    _check_plain(hyper_parameters, "hyper_parameters")
+    _check_plain(dict(metric), "metric")
+    _check_plain(dict(extra or {}), "extra")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights_path = out / f"{name}.pt"
+    state_dict = {key: value.detach().cpu() for key, value in module.state_dict().items()}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "class_path": f"{type(module).__module__}.{type(module).__qualname__}",
+        "hyper_parameters": hyper_parameters,
+        "state_dict": state_dict,
+        "extra": dict(extra or {}),
+    }
+    torch.save(payload, weights_path)
+    manifest = {
+        "name": name,
+        "model": model,
+        "file": weights_path.name,
+        "sha256": sha256_file(weights_path),
+        "size_bytes": weights_path.stat().st_size,
+        "metric": dict(metric),
+        "config": {"class_path": payload["class_path"], "init_args": hyper_parameters},
+        "data_license": data_license,
+        "extra": dict(extra or {}),
+    }
+    if url:
+        manifest["url"] = url
+    manifest_path = out / f"{name}.json"
+    with open(manifest_path, "w") as handle:
+        json.dump(manifest, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+    logger.info("Exported %s (%d bytes) and %s", weights_path, manifest["size_bytes"], manifest_path)
+    return manifest_path
