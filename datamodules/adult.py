@@ -116,7 +116,7 @@ def build_preprocessor() -> ColumnTransformer:
 
 
 def _numeric_to_float(raw: np.ndarray) -> np.ndarray:
-    """Replace numeric columns' strings by floats (NaN where missing), in place on a copy."""
+    """Return a copy of ``raw`` whose numeric columns are floats, NaN where missing."""
     out = raw.copy()
     for name in NUMERIC_COLUMNS:
         index = COLUMNS.index(name)
@@ -142,11 +142,11 @@ class AdultDataModule(pl.LightningDataModule):
     Batches are ``(features, label)``: float32 ``[B, num_features]`` and int64 ``[B]``.
 
     ``batch_size=-1`` selects full-batch mode for full-gradient methods such as DP-GD and
-    DIFF2: every loader yields its whole split as one batch in a fixed order. In this mode,
-    when a trainer with ``world_size`` processes is attached, the training split is cut to a
-    multiple of ``world_size`` (dropping at most ``world_size - 1`` records), so Lightning's
-    ``DistributedSampler`` hands each process a disjoint shard of equal size and pads nothing.
-    Padding would repeat records across processes, which breaks per-record privacy
+    DIFF2: every loader yields its whole split as one batch in a fixed order. When a trainer
+    with ``world_size`` processes is attached in this mode, the training split is cut to a
+    multiple of ``world_size`` by dropping at most ``world_size - 1`` records. Lightning's
+    ``DistributedSampler`` then hands each process a disjoint shard of equal size and pads
+    nothing. Padding would repeat records across processes, which breaks per-record privacy
     accounting.
 
     NOTE: the one-hot categories and the standardisation mean and variance are computed
@@ -307,16 +307,16 @@ class AdultDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (a seeded order), or the whole split in full-batch mode."""
+        """Return the training loader: seeded shuffled batches, or one full batch."""
         self.setup("fit")
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        """Validation batches in a fixed order."""
+        """Return the validation loader, in a fixed order."""
         self.setup("fit")
         return self._loader(self.val_set, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        """Test batches (``adult.test``) in a fixed order."""
+        """Return the test loader (``adult.test``), in a fixed order."""
         self.setup("test")
         return self._loader(self.test_set, shuffle=False)
