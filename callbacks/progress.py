@@ -72,12 +72,8 @@ class LineProgress(ProgressBar):
             rank_zero_info(f"validation: {self._format_metrics(trainer)}")
 
     def _format_metrics(self, trainer: pl.Trainer) -> str:
-        metrics = self.get_metrics(trainer, trainer.lightning_module)
-        metrics.pop("v_num", None)
-        return " ".join(f"{key}={_format_value(value)}" for key, value in metrics.items())
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+        parts = []
+        for key, value in sorted(trainer.callback_metrics.items()):
+            if value.numel() == 1:
+                parts.append(f"{key}={value.item():.4g}")
+        return " ".join(parts)

@@ -56,11 +56,17 @@ class ZooCLI(LightningCLI):
         class_path = getattr(model, "class_path", None) or "model"
         return class_path.rsplit(".", 1)[-1].lower()
 
+    def before_instantiate_classes(self) -> None:
+        # Written into the config namespace so that the saved config.yaml names the same
+        # folder, and `zoo validate --config runs/NAME/.../config.yaml` logs beside the run.
+        trainer_config = self._get(self.config, "trainer")
+        if not trainer_config.get("default_root_dir"):
+            trainer_config["default_root_dir"] = os.path.join(RUNS_DIR, self._resolve_run_name())
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer_config = self._get(self.config_init, "trainer", default={})
-        run_name = self._resolve_run_name()
-        root = trainer_config.get("default_root_dir") or os.path.join(RUNS_DIR, run_name)
-        kwargs.setdefault("default_root_dir", root)
+        root = trainer_config["default_root_dir"]
+        run_name = Path(root).name
 
         configured_logger = trainer_config.get("logger")
         if configured_logger is None or configured_logger is True:
