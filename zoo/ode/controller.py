@@ -1,0 +1,125 @@
+"""Step-size selection for the adaptive solver: the initial step and a PI controller.
+
+Everything here works on detached tensors, so the controller's decisions (accept or reject,
+next step size) carry no gradient. Gradients flow through the states and error estimates
+that the solver computes with these step sizes, not through the step sizes themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """Root mean square over every dimension but the first: ``[batch, n] -> [batch]``."""
+    return torch.linalg.vector_norm(x, dim=1) * (x.shape[1] ** -0.5)
+
+
+def initial_step_size(
+    func: Callable[[Tensor, Tensor], Tensor],
+    t0: Tensor,
+    y0: Tensor,
+    f0: Tensor,
+    rtol: float,
+    atol: float,
+    error_order: int,
+    reduce: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """Pick the first step size by the algorithm of Hairer, Norsett and Wanner (1993), II.4.
+
+    The step is sized so that an explicit Euler step changes the scaled state by about one
+    percent, then corrected with a finite-difference estimate of the second derivative. One
+    extra evaluation of ``func`` is made.
+
+    Args:
+        func: Vector field on flat states, called as ``func(t, y)`` with ``y`` ``[batch, n]``.
+        t0: Start times, ``[m]`` with ``m`` equal to the batch size or 1 for a shared step.
+        y0: Initial states, ``[batch, n]``.
+        f0: ``func(t0, y0)``.
+        rtol: Relative tolerance.
+        atol: Absolute tolerance.
+        error_order: Order of the embedded error estimate (4 for the 5(4) pairs).
+        reduce: Maps per-sample norms ``[batch]`` to the controller's shape ``[m]``.
+
+    Returns:
+        Step sizes ``[m]``, detached.
+    """
+    with torch.no_grad():
+        scale = atol + rtol * y0.abs()
+        d0 = reduce(rms_norm(y0 / scale))
+        d1 = reduce(rms_norm(f0 / scale))
+        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+        y1 = torch.addcmul(y0, f0, h0.unsqueeze(1))
+        f1 = func(t0 + h0, y1)
+        d2 = reduce(rms_norm((f1 - f0) / scale)) / h0
+        d_max = torch.maximum(d1, d2)
+        h1 = torch.where(
+            d_max <= 1e-15,
+            torch.clamp(h0 * 1e-3, min=1e-6),
+            (0.01 / d_max) ** (1.0 / (error_order + 1)),
+        )
+        return torch.minimum(100 * h0, h1)
+
+
+@dataclass(frozen=True)
+class PIController:
+    """Proportional-integral step-size controller of Hairer's DOPRI5 code.
+
+    After an accepted step with scaled error ``err <= 1`` the next step is
+    ``h * clamp(safety * err**-alpha * err_prev**beta, min_factor, max_factor)`` with
+    ``alpha = 1/(q+1) - 0.75*beta`` for an embedded order ``q``. After a rejected step the
+    step shrinks by ``max(min_factor, safety * err**(-alpha))``, and the next accepted step
+    may not grow. A non-finite error counts as infinitely large, so the step shrinks by
+    ``min_factor``.
+
+    Attributes:
+        safety: Safety factor on the optimal step.
+        min_factor: Smallest ratio of new to old step.
+        max_factor: Largest ratio of new to old step.
+        beta: Weight of the previous accepted error (0 gives an I controller).
+    """
+
+    safety: float = 0.9
+    min_factor: float = 0.2
+    max_factor: float = 10.0
+    beta: float = 0.04
+
+    def exponent(self, error_order: int) -> float:
+        """Return ``alpha``, the exponent of the current error."""
+        return 1.0 / (error_order + 1) - 0.75 * self.beta
+
+    def propose(
+        self,
+        h: Tensor,
+        error: Tensor,
+        previous_error: Tensor,
+        accepted: Tensor,
+        previous_rejected: Tensor,
+        error_order: int,
+    ) -> tuple[Tensor, Tensor]:
+        """Compute the next step sizes and the error memory for the next call.
+
+        Args:
+            h: Step sizes just attempted, ``[m]``.
+            error: Scaled error norms of the attempt, ``[m]``, detached; NaN is allowed.
+            previous_error: Error of the last accepted step, ``[m]`` (initially ones).
+            accepted: Whether each attempt was accepted, ``[m]`` bool.
+            previous_rejected: Whether the attempt before this one was rejected, ``[m]`` bool.
+            error_order: Order of the embedded error estimate.
+
+        Returns:
+            ``(next_h, next_previous_error)``, both ``[m]``.
+        """
+        error = torch.nan_to_num(error, nan=torch.inf)
+        grow = error.clamp(min=1e-10).pow(-self.exponent(error_order))
+        factor_accept = self.safety * grow * previous_error.pow(self.beta)
+        factor_accept = factor_accept.clamp(self.min_factor, self.max_factor)
+        factor_accept = torch.where(previous_rejected, factor_accept.clamp(max=1.0), factor_accept)
+        factor_reject = (self.safety * grow).clamp(self.min_factor, 1.0)
+        next_h = h * torch.where(accepted, factor_accept, factor_reject)
+        next_previous_error = torch.where(accepted, error.clamp(min=1e-4), previous_error)
+        return next_h, next_previous_error
