@@ -43,4 +43,6 @@ def seeded_loader(
     """
     sampler = EpochSeededRandomSampler(dataset, seed=seed) if shuffle else None
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator, **kwargs)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, generator=generator, **kwargs
+    )

@@ -37,6 +37,13 @@ class ZooCLI(LightningCLI):
     """LightningCLI with the zoo's default loggers, checkpointing and progress output."""
 
     def __init__(self, args: list[str] | None = None, run_name: str | None = None) -> None:
+        """Parse ``args`` (default: ``sys.argv[1:]``) and run the subcommand.
+
+        Args:
+            args: command-line arguments, starting with the subcommand.
+            run_name: name of the run folder under ``runs/``; by default the stem of the
+                last ``--config`` file.
+        """
         self.run_name = run_name
         super().__init__(
             subclass_mode_model=True,
@@ -75,7 +82,9 @@ class ZooCLI(LightningCLI):
         callbacks = list(trainer_config.get("callbacks") or [])
         callbacks.extend(kwargs.pop("callbacks", []) or [])
         if not any(isinstance(callback, ModelCheckpoint) for callback in callbacks):
-            callbacks.append(ModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), save_last=True))
+            callbacks.append(
+                ModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), save_last=True)
+            )
         if not any(isinstance(callback, RNGStateCheckpoint) for callback in callbacks):
             callbacks.append(RNGStateCheckpoint())
         progress_enabled = trainer_config.get("enable_progress_bar") is not False
@@ -140,30 +149,39 @@ USAGE = """usage: zoo {fit,validate,test,predict} --config FILE [--key value ...
 
 def main(argv: list[str] | None = None) -> None:
     """Run the ``zoo`` command with ``argv`` (default: ``sys.argv[1:]``)."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
     if command == "list":
         pattern = argv[1] if len(argv) > 1 else "*"
         sys.stdout.write(format_listing(pattern) + "\n")
         return
-    if command == "train":
-        if len(argv) < 2 or argv[1].startswith("-"):
-            sys.stderr.write(f"zoo train: missing model NAME.\n{USAGE}")
-            raise SystemExit(2)
-        name = argv[1]
-        try:
-            path = hub.config_path(name)
-        except KeyError as error:
-            sys.stderr.write(f"zoo train: {error.args[0]}\n")
-            raise SystemExit(2) from None
-        ZooCLI(args=["fit", "--config", str(path), *argv[2:]], run_name=name)
-        return
     if command in ("-h", "--help", ""):
         sys.stdout.write(USAGE)
         if command:
             return
         raise SystemExit(2)
-    ZooCLI(args=argv)
+
+    run_name = None
+    if command == "train":
+        if len(argv) < 2 or argv[1].startswith("-"):
+            sys.stderr.write(f"zoo train: missing model NAME.\n{USAGE}")
+            raise SystemExit(2)
+        run_name = argv[1]
+        try:
+            path = hub.config_path(run_name)
+        except KeyError as error:
+            sys.stderr.write(f"zoo train: {error.args[0]}\n")
+            raise SystemExit(2) from None
+        argv = ["fit", "--config", str(path), *argv[2:]]
+
+    if from_command_line:
+        # DDP re-launches this command from sys.argv in every process, and LightningCLI
+        # reads sys.argv itself, so `zoo train NAME` is rewritten to its `fit` form there.
+        sys.argv = [sys.argv[0], *argv]
+        ZooCLI(run_name=run_name)
+    else:
+        ZooCLI(args=argv, run_name=run_name)
 
 
 if __name__ == "__main__":

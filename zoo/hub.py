@@ -59,9 +59,7 @@ def list_pretrained(pattern: str = "*") -> list[str]:
 def _unknown_name_error(kind: str, name: str, known: list[str]) -> KeyError:
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return KeyError(
-        f"Unknown {kind} {name!r}.{hint} Run `zoo list` to see all {len(known)} names."
-    )
+    return KeyError(f"Unknown {kind} {name!r}.{hint} Run `zoo list` to see all {len(known)} names.")
 
 
 def config_path(name: str) -> Path:
@@ -219,11 +217,13 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_pretrained(name: str, map_location: str | torch.device = "cpu") -> torch.nn.Module:
-    """Load the pretrained checkpoint ``name`` as a ready model in eval mode.
+    """Load the pretrained checkpoint ``name``.
 
     The file's SHA-256 is checked against the manifest first; a mismatch raises
-    ``ValueError`` naming the file and both hashes. The returned LightningModule can be
-    fine-tuned directly with a user's own ``Trainer`` and datamodule.
+    ``ValueError`` naming the file and both hashes. The module comes back in training
+    mode, as timm's ``create_model`` returns it, so that it fine-tunes directly with a
+    user's own ``Trainer`` and datamodule (Lightning's ``fit`` keeps the mode it finds).
+    Call ``.eval()`` before using it for inference outside a ``Trainer``.
     """
     manifest = read_manifest(name)
     path = _resolve_checkpoint_file(manifest)
@@ -236,7 +236,7 @@ def load_pretrained(name: str, map_location: str | torch.device = "cpu") -> torc
     if extra and hasattr(module, "on_load_pretrained_extra"):
         module.on_load_pretrained_extra(extra)
     module.zoo_pretrained = {"name": name, "extra": extra, "metric": manifest.get("metric")}
-    return module.to(map_location).eval()
+    return module.to(map_location).train()
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -323,5 +323,7 @@ def export_pretrained(
     with open(manifest_path, "w") as handle:
         json.dump(manifest, handle, indent=2, sort_keys=False)
         handle.write("\n")
-    logger.info("Exported %s (%d bytes) and %s", weights_path, manifest["size_bytes"], manifest_path)
+    logger.info(
+        "Exported %s (%d bytes) and %s", weights_path, manifest["size_bytes"], manifest_path
+    )
     return manifest_path

@@ -6,7 +6,6 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
 from zoo.datamodules.sampling import seeded_loader
 
 
@@ -30,7 +29,9 @@ class IrisClassifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         if self.global_step == self.hparams.crash_at_step:
             raise RuntimeError(f"crash requested at step {self.global_step}")
         x, y = batch
@@ -49,7 +50,9 @@ class IrisClassifier(pl.LightningModule):
         x, y = batch
         self.log("test_acc", (self(x).argmax(dim=1) == y).float().mean(), sync_dist=True)
 
-    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def predict_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         return self(batch[0]).argmax(dim=1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
