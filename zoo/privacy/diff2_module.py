@@ -1,0 +1,330 @@
+"""Lightning module that trains a binary classifier with DIFF2-GD, one worker per process.
+
+Each DDP process is one DIFF2 worker that holds its own shard of the training data (the
+shard that Lightning's ``DistributedSampler`` gives it from a full-batch loader). In every
+round each worker computes its privatised message, the processes sum the messages with
+``torch.distributed.all_reduce`` (gloo on CPU, NCCL on GPU), and every process applies the
+same server update. With one process there is one worker. Each training step is one round,
+so an epoch is one round when the loader yields one full batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics.classification import BinaryAccuracy
+
+from zoo.privacy.diff2 import Diff2, check_diff2_arguments, round_generator
+from zoo.privacy.diff2_accounting import calibrate_noise, diff2_epsilon
+
+logger = logging.getLogger(__name__)
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "softplus": nn.Softplus,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+}
+
+
+def build_mlp(num_features: int, hidden_sizes: list[int], activation: str) -> nn.Sequential:
+    """Return an MLP ``num_features -> hidden_sizes... -> 1`` that outputs one logit.
+
+    Raises:
+        ValueError: if a size is below 1 or ``activation`` is not in :data:`ACTIVATIONS`.
+    """
+    if num_features < 1:
+        raise ValueError(f"num_features must be >= 1, got {num_features}.")
+    if any(size < 1 for size in hidden_sizes):
+        raise ValueError(f"hidden_sizes must all be >= 1, got {hidden_sizes}.")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+    layers: list[nn.Module] = []
+    width = num_features
+    for size in hidden_sizes:
+        layers += [nn.Linear(width, size), ACTIVATIONS[activation]()]
+        width = size
+    layers.append(nn.Linear(width, 1))
+    return nn.Sequential(*layers)
+
+
+def summed_logistic_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Return the binary cross-entropy of ``logits [B, 1]`` against 0/1 ``targets [B]``, summed."""
+    return F.binary_cross_entropy_with_logits(logits.squeeze(-1), targets, reduction="sum")
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` in place over all processes when a process group is running."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+class Diff2Classifier(pl.LightningModule):
+    """Binary classifier (an MLP on tabular features) trained privately with DIFF2-GD.
+
+    ``restart_interval=1`` gives DP gradient descent (DP-GD), the baseline. The data must
+    come as one full batch per process and step, for example
+    ``AdultDataModule(batch_size=-1)``. Training stops after ``rounds`` rounds, so set
+    ``trainer.max_epochs`` to at least ``rounds``.
+
+    Privacy: with ``target_epsilon`` set, the noise multipliers are calibrated so that
+    ``rounds`` rounds spend exactly ``(target_epsilon, delta)`` under add/remove-one
+    adjacency (see :mod:`zoo.privacy.diff2_accounting`); otherwise both multipliers must be
+    given. The spent epsilon is logged as ``privacy/epsilon`` after every round.
+
+    NOTE: the noise comes from ``torch.Generator`` (Mersenne Twister), which is not a
+    cryptographically secure generator, and a fixed ``noise_seed`` makes the noise
+    reproducible by anyone who knows it. Leave ``noise_seed=None`` for a private release.
+
+    Args:
+        num_features: Input width (107 for the one-hot encoded Adult data).
+        hidden_sizes: Widths of the hidden layers; ``None`` means ``[10]``.
+        activation: Hidden activation, one of ``softplus``, ``tanh``, ``sigmoid``, ``gelu``,
+            ``relu``. A smooth one suits the smoothness-based difference clip.
+        rounds: Rounds ``R`` that the privacy budget covers; training stops after them.
+        restart_interval: ``T``; every ``T``-th round sends a full clipped gradient.
+        lr: Step size of ``x <- x - lr * v``.
+        clip_restart: ``C1``, per-example gradient clip radius of restart rounds.
+        clip_difference: Fixed ``C2`` of difference rounds; give this or ``smoothness``.
+        smoothness: ``L`` in the difference clip ``C2_r = L * ||x_r - x_(r-1)||``.
+        target_epsilon: Privacy budget for ``rounds`` rounds; ``None`` to set the
+            multipliers by hand.
+        delta: Target delta, much smaller than one over the number of training records.
+        noise_multiplier_restart: ``sigma1`` when ``target_epsilon`` is None.
+        noise_multiplier_difference: ``sigma2`` when ``target_epsilon`` is None.
+        restart_share: Share of the Rényi-DP budget spent on restart rounds, in (0, 1).
+        noise_seed: Base seed of the noise (per process and round); ``None`` draws a fresh
+            secret seed in every process.
+        chunk_size: Examples per vectorised per-example gradient call.
+    """
+
+    def __init__(
+        self,
+        num_features: int = 107,
+        hidden_sizes: list[int] | None = None,
+        activation: str = "softplus",
+        rounds: int = 100,
+        restart_interval: int = 10,
+        lr: float = 1.0,
+        clip_restart: float = 1.0,
+        clip_difference: float | None = None,
+        smoothness: float | None = 1.0,
+        target_epsilon: float | None = 1.0,
+        delta: float = 1e-5,
+        noise_multiplier_restart: float | None = None,
+        noise_multiplier_difference: float | None = None,
+        restart_share: float = 0.5,
+        noise_seed: int | None = None,
+        chunk_size: int = 4096,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if hidden_sizes is None:
+            hidden_sizes = [10]
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"rounds must be an int >= 1, got {rounds!r}.")
+        if noise_seed is not None and (not isinstance(noise_seed, int) or noise_seed < 0):
+            raise ValueError(f"noise_seed must be an int >= 0 or None, got {noise_seed!r}.")
+        sigma_restart, sigma_difference = self._noise_multipliers()
+        check_diff2_arguments(
+            lr=lr,
+            restart_interval=restart_interval,
+            clip_restart=clip_restart,
+            noise_multiplier_restart=sigma_restart,
+            noise_multiplier_difference=sigma_difference,
+            clip_difference=clip_difference,
+            smoothness=smoothness,
+        )
+        self.automatic_optimization = False
+        self.net = build_mlp(num_features, list(hidden_sizes), activation).double()
+        self.algorithm = Diff2(
+            self.net,
+            summed_logistic_loss,
+            lr=lr,
+            restart_interval=restart_interval,
+            clip_restart=clip_restart,
+            noise_multiplier_restart=sigma_restart,
+            noise_multiplier_difference=sigma_difference,
+            clip_difference=clip_difference if restart_interval > 1 else None,
+            smoothness=smoothness if restart_interval > 1 else None,
+            chunk_size=chunk_size,
+        )
+        self.val_accuracy = BinaryAccuracy()
+        self.test_accuracy = BinaryAccuracy()
+        self._noise_base_seed: int | None = None
+
+    def _noise_multipliers(self) -> tuple[float, float]:
+        hp = self.hparams
+        if hp.target_epsilon is not None:
+            if hp.noise_multiplier_restart is not None or hp.noise_multiplier_difference:
+                raise ValueError(
+                    "Give either target_epsilon or the noise multipliers, not both; got "
+                    f"target_epsilon={hp.target_epsilon}, noise_multiplier_restart="
+                    f"{hp.noise_multiplier_restart}, noise_multiplier_difference="
+                    f"{hp.noise_multiplier_difference}."
+                )
+            return calibrate_noise(
+                hp.target_epsilon, hp.delta, hp.rounds, hp.restart_interval, hp.restart_share
+            )
+        if hp.noise_multiplier_restart is None:
+            raise ValueError(
+                "Set target_epsilon (for example 1.0) or noise_multiplier_restart; both are "
+                "None, which would train without privacy."
+            )
+        difference = hp.noise_multiplier_difference
+        if difference is None:
+            if hp.restart_interval > 1:
+                raise ValueError(
+                    "noise_multiplier_difference is None but restart_interval="
+                    f"{hp.restart_interval} > 1 has difference rounds; set it, or set "
+                    "target_epsilon instead."
+                )
+            difference = 0.0
+        return float(hp.noise_multiplier_restart), float(difference)
+
+    @property
+    def noise_multipliers(self) -> tuple[float, float]:
+        """``(sigma1, sigma2)`` in use."""
+        return (
+            self.algorithm.noise_multiplier_restart,
+            self.algorithm.noise_multiplier_difference,
+        )
+
+    def privacy_spent(self, rounds: int | None = None) -> dict[str, float | int]:
+        """Return ``{"epsilon", "delta", "rounds", ...}`` after ``rounds`` rounds.
+
+        Args:
+            rounds: Rounds to account for; ``None`` means the rounds run so far.
+        """
+        done = self.algorithm.round_index if rounds is None else rounds
+        sigma_restart, sigma_difference = self.noise_multipliers
+        epsilon = diff2_epsilon(
+            done, self.hparams.restart_interval, sigma_restart, sigma_difference, self.hparams.delta
+        )
+        return {
+            "epsilon": epsilon,
+            "delta": float(self.hparams.delta),
+            "rounds": int(done),
+            "restart_interval": int(self.hparams.restart_interval),
+            "noise_multiplier_restart": float(sigma_restart),
+            "noise_multiplier_difference": float(sigma_difference),
+            "accountant": "rdp",
+        }
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Return the logits ``[B]`` for features ``[B, num_features]``."""
+        return self.net(features.to(torch.float64)).squeeze(-1)
+
+    def _check_batch(self, features: Tensor) -> None:
+        if features.ndim != 2 or features.shape[1] != self.hparams.num_features:
+            raise ValueError(
+                f"Expected features of shape [B, {self.hparams.num_features}], got "
+                f"{tuple(features.shape)}. Set model.num_features to the data's width."
+            )
+
+    def on_train_start(self) -> None:
+        """Check that each step sees the process's whole shard, and seed the noise."""
+        batches = self.trainer.num_training_batches
+        if batches != 1:
+            raise ValueError(
+                f"DIFF2 needs one full batch per process and round, but the training loader "
+                f"yields {batches} batches per epoch. Use a full-batch loader, for example "
+                "AdultDataModule(batch_size=-1)."
+            )
+        max_epochs = self.trainer.max_epochs
+        remaining = self.hparams.rounds - self.algorithm.round_index
+        if max_epochs is not None and 0 <= max_epochs - self.current_epoch < remaining:
+            rank_zero_warn(
+                f"trainer.max_epochs={max_epochs} stops before the {self.hparams.rounds} "
+                "rounds that the noise was calibrated for; the run will spend less than "
+                "its privacy budget and may not converge."
+            )
+        seed = self.hparams.noise_seed
+        self._noise_base_seed = secrets.randbits(63) if seed is None else int(seed)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Run one DIFF2 round: local message, sum over processes, server update."""
+        if self.algorithm.round_index >= self.hparams.rounds:
+            self.trainer.should_stop = True
+            return None
+        features, labels = batch
+        self._check_batch(features)
+        inputs = features.to(torch.float64)
+        targets = labels.to(torch.float64)
+        round_index = self.algorithm.round_index
+        assert self._noise_base_seed is not None
+        generator = round_generator(self._noise_base_seed, self.global_rank, round_index)
+        message = self.algorithm.worker_message(inputs, targets, generator)
+
+        total = all_reduce_sum(message.vector.clone())
+        counts = torch.tensor([message.num_records, 1], dtype=torch.float64)
+        all_reduce_sum(counts)
+        num_records, num_workers = int(counts[0].item()), int(counts[1].item())
+        estimate = self.algorithm.server_update(total, num_records, message.restart)
+
+        epsilon = self.privacy_spent()["epsilon"]
+        self.log("privacy/epsilon", epsilon, on_step=False, on_epoch=True)
+        self.log("train/estimate_norm", float(estimate.norm()), on_step=False, on_epoch=True)
+        self.log("train/clip", message.clip, on_step=False, on_epoch=True)
+        self.log("train/restart", float(message.restart), on_step=False, on_epoch=True)
+        self.log("train/records", float(num_records), on_step=False, on_epoch=True)
+        self.log("train/workers", float(num_workers), on_step=False, on_epoch=True)
+        if self.algorithm.round_index >= self.hparams.rounds:
+            self.trainer.should_stop = True
+        return None
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, metric: BinaryAccuracy) -> None:
+        features, labels = batch
+        self._check_batch(features)
+        logits = self(features)
+        loss = F.binary_cross_entropy_with_logits(logits, labels.to(torch.float64))
+        metric(logits, labels)
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(labels))
+        self.log(f"{stage}/accuracy", metric, batch_size=len(labels))
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Log validation loss and accuracy."""
+        self._evaluate(batch, "val", self.val_accuracy)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Log test loss and accuracy."""
+        self._evaluate(batch, "test", self.test_accuracy)
+
+    def predict_step(self, batch: tuple[Tensor, ...] | Tensor, batch_idx: int) -> Tensor:
+        """Return the probability of the positive class for each example."""
+        features = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return torch.sigmoid(self(features))
+
+    def configure_optimizers(self) -> None:
+        """Return no optimizer: :class:`~zoo.privacy.diff2.Diff2` updates the parameters."""
+        return None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store the server state (round, estimate, previous iterate) for resuming."""
+        state = self.algorithm
+        checkpoint["diff2"] = {
+            "round_index": state.round_index,
+            "estimate": None if state.estimate is None else state.estimate.clone(),
+            "previous_params": (
+                None if state.previous_params is None else state.previous_params.clone()
+            ),
+            "privacy": self.privacy_spent(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the server state saved by :meth:`on_save_checkpoint`."""
+        saved = checkpoint.get("diff2")
+        if saved is None:
+            return
+        self.algorithm.round_index = int(saved["round_index"])
+        self.algorithm.estimate = saved["estimate"]
+        self.algorithm.previous_params = saved["previous_params"]
