@@ -119,7 +119,7 @@ def format_listing(pattern: str = "*") -> str:
     """Return the table that ``zoo list`` prints: registered models, then checkpoints."""
     lines = ["Registered models (zoo train NAME):"]
     models = hub.list_models(pattern)
-    lines.extend(f"  {name}" for name in models)
+    lines.extend(f"  {name:<24} {hub.describe_model(name)}".rstrip() for name in models)
     if not models:
         lines.append("  (none)")
     lines.append("")

@@ -74,6 +74,18 @@ def config_path(name: str) -> Path:
     return path
 
 
+def describe_model(name: str) -> str:
+    """Return the first comment line of the model's config, which says what the model is."""
+    with open(config_path(name)) as handle:
+        for line in handle:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                return stripped.lstrip("#").strip()
+            if stripped:
+                break
+    return ""
+
+
 def load_config(name: str) -> dict[str, Any]:
     """Return the parsed YAML config of a registered model."""
     with open(config_path(name)) as handle:
