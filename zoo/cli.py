@@ -5,10 +5,14 @@
 - ``zoo train NAME [--overrides]`` runs ``fit`` with the registered model's config.
 - ``zoo list [PATTERN]`` prints the registered models and the pretrained checkpoints.
 
-Unless the config sets them, every run gets ``trainer.default_root_dir = runs/NAME``, a
-CSV logger and an offline Weights & Biases logger under it, a ``ModelCheckpoint`` in
-``runs/NAME/checkpoints`` that keeps ``last.ckpt`` (so ``--ckpt_path last`` resumes), RNG
-states in every checkpoint, and line-based progress when stdout is not a terminal.
+Unless the config sets them, every run gets these defaults:
+
+- ``trainer.default_root_dir = runs/NAME``, with a CSV logger and an offline Weights &
+  Biases logger under it;
+- a ``ModelCheckpoint`` in ``runs/NAME/checkpoints`` that keeps ``last.ckpt``, so that
+  ``--ckpt_path last`` resumes;
+- RNG states in every checkpoint;
+- line-based progress when stdout is not a terminal.
 """
 
 from __future__ import annotations

@@ -35,12 +35,12 @@ CACHE_DIR_ENV = "ZOO_CACHE_DIR"
 
 
 def config_dir() -> Path:
-    """Return the folder that holds the registered models' YAML configs."""
+    """Return the folder that contains the registered models' YAML configs."""
     return Path(str(resources.files("zoo.configs")))
 
 
 def checkpoint_dir() -> Path:
-    """Return the folder that holds the shipped checkpoints and their manifests."""
+    """Return the folder that contains the shipped checkpoints and their manifests."""
     return Path(str(resources.files("zoo.checkpoints")))
 
 
@@ -75,7 +75,7 @@ def config_path(name: str) -> Path:
 
 
 def describe_model(name: str) -> str:
-    """Return the first comment line of the model's config, which says what the model is."""
+    """Return the first comment line of the model's config, which describes the model."""
     with open(config_path(name)) as handle:
         for line in handle:
             stripped = line.strip()
