@@ -1,0 +1,564 @@
+"""DP-SGD for any LightningModule through Opacus, configured as a Lightning callback.
+
+Add :class:`DPSGD` to ``trainer.callbacks`` (in Python or a LightningCLI config) and the
+module trains with DP-SGD (Abadi et al., "Deep Learning with Differential Privacy", CCS
+2016): Poisson-sampled batches, per-sample gradients clipped to ``max_grad_norm``, Gaussian
+noise, and a privacy accountant. Opacus does all of that; this callback wires it into the
+objects Lightning really uses, which is where integrations go wrong:
+
+- the optimizer Lightning steps is replaced by Opacus' ``DPOptimizer``, and a check before
+  every step raises if any other optimizer is about to step;
+- the training batches come from Opacus' ``DPDataLoader`` (Poisson sampling) that Lightning
+  cannot re-wrap, optionally split into physical batches by Opacus' batch splitting;
+- per-sample gradient hooks are attached to the module that Lightning runs forward;
+- under DDP the module is wrapped in Opacus' ``DifferentiallyPrivateDistributedDataParallel``
+  and the optimizer is Opacus' ``DistributedDPOptimizer`` (noise added once, on rank 0);
+- layers Opacus cannot train (BatchNorm) are replaced before training, or rejected.
+
+Example config fragment::
+
+    trainer:
+      callbacks:
+        - class_path: zoo.privacy.dpsgd.DPSGD
+          init_args: {target_epsilon: 3.0, target_delta: 1.0e-5, max_grad_norm: 1.0}
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import types
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import DPOptimizer, get_optimizer_class
+
+from zoo.privacy import accounting
+from zoo.privacy.compatibility import make_trainable_with_dp
+from zoo.privacy.loader import PoissonTrainLoader, poisson_loader, sampling_generator
+
+logger = logging.getLogger(__name__)
+
+#: Opacus per-sample gradient modes this callback runs. "ew" (expanded weights) needs the
+#: forward call to go through Opacus' wrapper with the batch as the only input, and "ghost"
+#: (ghost clipping) needs per-sample losses, which a generic ``training_step`` does not give.
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch")
+
+#: Version of the privacy state layout stored in checkpoints.
+STATE_VERSION = 1
+
+
+class DPSGD(Callback):
+    """Train the LightningModule with differentially private SGD through Opacus.
+
+    Give either ``noise_multiplier`` or ``target_epsilon`` (or both):
+
+    - ``target_epsilon`` alone calibrates the noise multiplier so that the planned training
+      (``epochs``, else ``trainer.max_epochs``) spends exactly that budget;
+    - ``noise_multiplier`` alone trains with that noise and only reports epsilon;
+    - both: train with that noise and stop when epsilon would exceed ``target_epsilon``.
+
+    The logical (expected) batch size is the datamodule's ``batch_size``: each example enters
+    a batch independently with probability ``1 / len(train_dataloader)``, as in Opacus'
+    ``make_private``. Under DDP this logical batch is split across the processes, so the
+    privacy guarantee does not depend on the number of devices.
+
+    Epsilon is logged as ``privacy/epsilon`` after every training epoch. Checkpoints carry the
+    privacy state (:meth:`state_dict`), so resuming with ``ckpt_path`` continues the
+    accountant. A model loaded with ``zoo.load_pretrained`` whose manifest has a privacy
+    state continues that accountant too, unless ``continue_pretrained_accounting`` is false.
+
+    Args:
+        target_epsilon: Privacy budget epsilon; training stops before it is exceeded.
+        target_delta: Delta of the (epsilon, delta) guarantee; keep it well below
+            1 / (number of training examples).
+        noise_multiplier: Ratio of the noise standard deviation to ``max_grad_norm``.
+        max_grad_norm: Bound C on the L2 norm of each example's gradient (flat clipping over
+            all parameters).
+        max_physical_batch_size: Largest number of examples put through the model at once;
+            larger logical batches are split, and their gradients accumulated before one
+            private step. ``None`` processes each logical batch at once.
+        grad_sample_mode: Opacus per-sample gradient mode, one of :data:`GRAD_SAMPLE_MODES`.
+        accountant: Opacus accountant: ``"prv"`` (Opacus' default, tightest), ``"rdp"``
+            (about 10x faster to evaluate) or ``"gdp"`` (approximate).
+        epochs: Planned epochs for calibrating the noise from ``target_epsilon``;
+            ``None`` uses ``trainer.max_epochs``.
+        fix_model: Replace layers Opacus cannot train (BatchNorm becomes GroupNorm) and log
+            each replacement; if false, such layers raise ``ValueError``.
+        seed: Seed of the Poisson sampling; ``None`` uses ``torch.initial_seed()``, which
+            ``seed_everything`` sets.
+        continue_pretrained_accounting: Start from the privacy history that
+            ``zoo.load_pretrained`` attached to the model, so that epsilon covers the
+            pretraining on the same data as well.
+    """
+
+    def __init__(
+        self,
+        target_epsilon: float | None = None,
+        target_delta: float = 1e-5,
+        noise_multiplier: float | None = None,
+        max_grad_norm: float = 1.0,
+        max_physical_batch_size: int | None = None,
+        grad_sample_mode: str = "hooks",
+        accountant: str = "prv",
+        epochs: int | None = None,
+        fix_model: bool = True,
+        seed: int | None = None,
+        continue_pretrained_accounting: bool = True,
+    ) -> None:
+        super().__init__()
+        if target_epsilon is None and noise_multiplier is None:
+            raise ValueError(
+                "DPSGD needs target_epsilon or noise_multiplier (or both); got neither. "
+                "For example target_epsilon=3.0 calibrates the noise for the planned epochs."
+            )
+        if target_epsilon is not None:
+            _check_positive("target_epsilon", target_epsilon)
+        _check_positive("target_delta", target_delta)
+        if target_delta >= 1:
+            raise ValueError(f"target_delta must be < 1, got {target_delta}; use e.g. 1e-5.")
+        if noise_multiplier is not None:
+            _check_positive("noise_multiplier", noise_multiplier)
+        _check_positive("max_grad_norm", max_grad_norm)
+        if max_physical_batch_size is not None:
+            _check_positive_int("max_physical_batch_size", max_physical_batch_size)
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(
+                f"grad_sample_mode {grad_sample_mode!r} is not supported here; choose one of "
+                f"{', '.join(GRAD_SAMPLE_MODES)}. Opacus' 'ew' mode needs the model's forward "
+                "call to take only the batch, and 'ghost' needs per-sample losses, which a "
+                "LightningModule's training_step does not expose."
+            )
+        accounting.check_accountant_name(accountant)
+        if epochs is not None:
+            _check_positive_int("epochs", epochs)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}.")
+
+        self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
+        self.target_delta = float(target_delta)
+        self.requested_noise_multiplier = (
+            None if noise_multiplier is None else float(noise_multiplier)
+        )
+        self.max_grad_norm = float(max_grad_norm)
+        self.max_physical_batch_size = max_physical_batch_size
+        self.grad_sample_mode = grad_sample_mode
+        self.accountant_name = accountant
+        self.epochs = epochs
+        self.fix_model = fix_model
+        self.seed = seed
+        self.continue_pretrained_accounting = continue_pretrained_accounting
+
+        # Privacy state; restored from checkpoints by load_state_dict.
+        self.noise_multiplier: float | None = None
+        self.sample_rate: float | None = None
+        self.expected_batch_size: float | None = None
+        self.prior_history: list[accounting.HistoryEntry] = []
+        self.prior_source: str | None = None
+        self.accountant = accounting.make_accountant(accountant)
+        self.replaced_layers: list[tuple[str, str, str]] = []
+
+        # Objects of the current fit, released in teardown.
+        self.optimizer: DPOptimizer | None = None
+        self.train_loader: PoissonTrainLoader | None = None
+        self._hooks: Any = None
+        self._original_optimizer: torch.optim.Optimizer | None = None
+        self._data_source: Any = None
+        self._original_data_instance: Any = None
+        self._patched_strategy: DDPStrategy | None = None
+        self._trainer_epochs: int | None = None
+        self._budget_end: int | None = None
+        self._budget_message_sent = False
+        self._epsilon_cache: tuple[tuple, float] | None = None
+
+    # ----------------------------------------------------------------------------------
+    # Public state
+
+    @property
+    def history(self) -> list[accounting.HistoryEntry]:
+        """Accountant history ``(noise_multiplier, sample_rate, steps)``, earlier training first."""
+        return [*self.prior_history, *accounting.normalise_history(self.accountant.history)]
+
+    @property
+    def steps(self) -> int:
+        """Private optimizer steps taken in this and any resumed run (not the prior history)."""
+        return accounting.total_steps(self.accountant.history)
+
+    def epsilon(self) -> float:
+        """Return epsilon at ``target_delta`` spent so far, prior history included."""
+        key = tuple(self.history)
+        if self._epsilon_cache is None or self._epsilon_cache[0] != key:
+            value = accounting.epsilon_of(key, self.target_delta, self.accountant_name)
+            self._epsilon_cache = (key, value)
+        return self._epsilon_cache[1]
+
+    def privacy_state(self) -> dict[str, Any]:
+        """Return the privacy state as plain values (for checkpoints and manifests)."""
+        return {
+            "version": STATE_VERSION,
+            "mechanism": "dp-sgd",
+            "accountant": self.accountant_name,
+            "epsilon": self.epsilon(),
+            "delta": self.target_delta,
+            "target_epsilon": self.target_epsilon,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "sample_rate": self.sample_rate,
+            "expected_batch_size": self.expected_batch_size,
+            "steps": self.steps,
+            "total_steps": accounting.total_steps(self.history),
+            "grad_sample_mode": self.grad_sample_mode,
+            "history": [list(entry) for entry in self.history],
+            "prior_history": [list(entry) for entry in self.prior_history],
+            "prior_source": self.prior_source,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the privacy state that Lightning stores in checkpoints."""
+        state = self.privacy_state()
+        state["run_history"] = [list(entry) for entry in self.accountant.history]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the privacy state of a checkpoint, so the accountant continues from it."""
+        if state_dict.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"Checkpoint privacy state has version {state_dict.get('version')!r}, expected "
+                f"{STATE_VERSION}; it was written by an incompatible zoo version."
+            )
+        self.noise_multiplier = state_dict["noise_multiplier"]
+        self.sample_rate = state_dict["sample_rate"]
+        self.expected_batch_size = state_dict["expected_batch_size"]
+        self.prior_history = accounting.normalise_history(state_dict["prior_history"])
+        self.prior_source = state_dict.get("prior_source")
+        self.accountant.history = accounting.normalise_history(state_dict["run_history"])
+        if state_dict["delta"] != self.target_delta:
+            rank_zero_warn(
+                f"DP-SGD: the checkpoint was trained with delta {state_dict['delta']}, this run "
+                f"uses target_delta {self.target_delta}; epsilon is reported at the new delta."
+            )
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Also store the privacy state under the top-level checkpoint key ``"privacy"``."""
+        checkpoint["privacy"] = self.privacy_state()
+
+    # ----------------------------------------------------------------------------------
+    # Fit lifecycle
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check the trainer, fix or reject the model, and route DDP through Opacus' wrapper.
+
+        Runs before Lightning builds the optimizer, so that the optimizer gets the parameters of the fixed layers.
+        """
+        if stage != "fit":
+            return
+        _check_trainer(trainer)
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                f"DPSGD needs automatic optimization, but {type(pl_module).__name__} sets "
+                "automatic_optimization = False. Let Lightning call the optimizer."
+            )
+        self.replaced_layers = make_trainable_with_dp(pl_module, fix=self.fix_model)
+        for name, old, new in self.replaced_layers:
+            rank_zero_info(f"DP-SGD: replaced layer {name} {old} with {new}")
+        if isinstance(trainer.strategy, DDPStrategy):
+            self._use_opacus_ddp(trainer.strategy)
+        self._load_pretrained_history(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Attach per-sample gradient hooks, wrap the optimizer and install the Poisson loader.
+
+        Runs after Lightning built the optimizer and restored any checkpoint, and before it
+        requests the training data.
+        """
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"DPSGD supports exactly one optimizer, got {len(trainer.optimizers)} from "
+                f"{type(pl_module).__name__}.configure_optimizers()."
+            )
+        distributed = trainer.world_size > 1
+        model = trainer.strategy.model
+        assert model is not None
+        if distributed and not isinstance(model, DifferentiallyPrivateDistributedDataParallel):
+            raise RuntimeError(
+                f"DP-SGD under {trainer.world_size} processes expected the model wrapped in "
+                f"Opacus' DPDDP, found {type(model).__name__}. Use strategy 'ddp'."
+            )
+        # Re-validate: a module may have built layers in its own setup() after ours ran.
+        make_trainable_with_dp(pl_module, fix=False)
+        self._hooks = prepare_module(
+            model,
+            grad_sample_mode=self.grad_sample_mode,
+            wrap_model=False,
+            batch_first=True,
+            loss_reduction="mean",
+        )
+        # Poisson sampling and gradient accumulation across steps do not mix; Opacus raises
+        # if per-sample gradients of two steps are about to be summed.
+        self._hooks.forbid_grad_accumulation()
+
+        base_loader, source = self._request_base_loader(trainer)
+        dataset_size = len(base_loader.dataset)
+        if self.sample_rate is None:
+            self.sample_rate = 1.0 / len(base_loader)
+        # As in Opacus' make_private: the expected batch size per process.
+        self.expected_batch_size = int(dataset_size * self.sample_rate) / trainer.world_size
+        self._trainer_epochs = _max_epochs(trainer)
+        if self.noise_multiplier is None:
+            self.noise_multiplier = self._choose_noise_multiplier(trainer)
+
+        self._original_optimizer = trainer.optimizers[0]
+        optimizer_class = get_optimizer_class(
+            clipping="flat", distributed=distributed, grad_sample_mode=self.grad_sample_mode
+        )
+        self.optimizer = optimizer_class(
+            self._original_optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=self.expected_batch_size,
+            loss_reduction="mean",
+        )
+        self.optimizer.attach_step_hook(
+            self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate)
+        )
+        trainer.strategy.optimizers = [self.optimizer]
+
+        seed = torch.initial_seed() if self.seed is None else self.seed
+        generator = sampling_generator(seed, trainer.global_rank, self.steps)
+        loader = poisson_loader(base_loader, self.sample_rate, generator, distributed)
+        self.train_loader = PoissonTrainLoader(loader, self.optimizer, self.max_physical_batch_size)
+        self._data_source = source
+        self._original_data_instance = source.instance
+        source.instance = self.train_loader
+
+        remaining = self._remaining_budget_steps()
+        self._budget_end = None if remaining is None else self.steps + remaining
+        rank_zero_info(
+            f"DP-SGD: noise_multiplier={self.noise_multiplier:.4g}, "
+            f"max_grad_norm={self.max_grad_norm:g}, sample_rate={self.sample_rate:.4g} "
+            f"(expected batch {int(dataset_size * self.sample_rate)} of {dataset_size}), "
+            f"{len(loader)} steps per epoch, grad_sample_mode={self.grad_sample_mode}, "
+            f"accountant={self.accountant_name}, delta={self.target_delta:g}, "
+            f"epsilon so far={self.epsilon():.3f}"
+            + ("" if remaining is None else f", private steps left in budget={remaining}")
+        )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Stop at once if a resumed or fine-tuned run has no privacy budget left."""
+        if self._budget_spent():
+            self._stop(trainer)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        """Raise unless the optimizer about to step is this run's Opacus optimizer in budget."""
+        if optimizer is not self.optimizer:
+            raise RuntimeError(
+                f"DP-SGD: Lightning is about to step {type(optimizer).__name__}, not the Opacus "
+                "DPOptimizer, which would train without privacy. Another callback or the "
+                "strategy replaced the optimizer after DPSGD installed it."
+            )
+        is_private_step = not optimizer._check_skip_next_step(pop_next=False)
+        if is_private_step and self._budget_spent():
+            raise RuntimeError(
+                f"DP-SGD: the privacy budget epsilon={self.target_epsilon} is spent, but "
+                "training continued past trainer.should_stop (min_epochs or min_steps force "
+                "more steps). Lower min_epochs/min_steps or raise target_epsilon."
+            )
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Count down the budget and stop training when the next step would exceed it."""
+        if self._budget_spent():
+            self._stop(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log epsilon (at ``target_delta``) and the number of private steps."""
+        epsilon = self.epsilon()
+        pl_module.log("privacy/epsilon", epsilon, on_epoch=True, rank_zero_only=True)
+        pl_module.log("privacy/steps", float(self.steps), on_epoch=True, rank_zero_only=True)
+        rank_zero_info(
+            f"DP-SGD: epoch {trainer.current_epoch} done, epsilon={epsilon:.3f} at "
+            f"delta={self.target_delta:g} after {self.steps} private steps"
+        )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Remove hooks and wrappers so the module and trainer can be used without DP again."""
+        if stage != "fit":
+            return
+        if self._hooks is not None:
+            self._hooks.remove_hooks()
+            self._hooks = None
+        for parameter in pl_module.parameters():
+            for name in ("grad_sample", "summed_grad", "_current_grad_sample"):
+                if hasattr(parameter, name):
+                    delattr(parameter, name)
+        if self._data_source is not None:
+            self._data_source.instance = self._original_data_instance
+            self._data_source = None
+        if self._patched_strategy is not None:
+            strategy = self._patched_strategy
+            del strategy.configure_ddp
+            if isinstance(strategy.model, DifferentiallyPrivateDistributedDataParallel):
+                strategy.model = pl_module
+            self._patched_strategy = None
+        if self._original_optimizer is not None and trainer.strategy.optimizers == [self.optimizer]:
+            trainer.strategy.optimizers = [self._original_optimizer]
+
+    # ----------------------------------------------------------------------------------
+    # Helpers
+
+    def _budget_spent(self) -> bool:
+        return self._budget_end is not None and self.steps >= self._budget_end
+
+    def _remaining_budget_steps(self) -> int | None:
+        if self.target_epsilon is None:
+            return None
+        assert self.noise_multiplier is not None and self.sample_rate is not None
+        return accounting.max_steps_within_budget(
+            self.history,
+            self.noise_multiplier,
+            self.sample_rate,
+            self.target_epsilon,
+            self.target_delta,
+            self.accountant_name,
+            hint=self._planned_steps() or 1,
+        )
+
+    def _planned_steps(self) -> int | None:
+        """Return the private steps left in the planned epochs, or None without a plan."""
+        assert self.sample_rate is not None
+        epochs = self.epochs if self.epochs is not None else self._trainer_epochs
+        if epochs is None:
+            return None
+        steps_per_epoch = int(1 / self.sample_rate)
+        return max(epochs * steps_per_epoch - self.steps, 0)
+
+    def _choose_noise_multiplier(self, trainer: pl.Trainer) -> float:
+        if self.requested_noise_multiplier is not None:
+            return self.requested_noise_multiplier
+        assert self.target_epsilon is not None and self.sample_rate is not None
+        planned = self._planned_steps()
+        if not planned:
+            raise ValueError(
+                "DPSGD cannot calibrate the noise from target_epsilon without a planned "
+                f"length: trainer.max_epochs is {trainer.max_epochs} and epochs is "
+                f"{self.epochs}. Set epochs (or trainer.max_epochs), or give noise_multiplier."
+            )
+        noise_multiplier = accounting.calibrate_noise_multiplier(
+            self.target_epsilon,
+            self.target_delta,
+            self.sample_rate,
+            planned,
+            self.accountant_name,
+            prior_history=self.history,
+        )
+        rank_zero_info(
+            f"DP-SGD: calibrated noise_multiplier={noise_multiplier:.4g} for epsilon="
+            f"{self.target_epsilon} at delta={self.target_delta:g} over {planned} steps"
+        )
+        return noise_multiplier
+
+    def _request_base_loader(self, trainer: pl.Trainer) -> tuple[Any, Any]:
+        # Lightning keeps where the training data comes from (datamodule, module or a given
+        # loader) in the fit loop's data source. Asking it for the loader here and replacing
+        # its instance by the Poisson loader makes Lightning train on exactly that loader.
+        source = trainer.fit_loop._data_source
+        if isinstance(source.instance, PoissonTrainLoader):
+            source.instance = self._original_data_instance
+        base = source.dataloader()
+        if isinstance(base, (list, tuple, dict)):
+            raise TypeError(
+                "DP-SGD supports a single training DataLoader, got a collection of "
+                f"{len(base)} loaders."
+            )
+        return base, source
+
+    def _use_opacus_ddp(self, strategy: DDPStrategy) -> None:
+        # Opacus' DPDDP broadcasts the initial weights and leaves gradient reduction to the
+        # DistributedDPOptimizer, which sums the clipped gradients of all processes and adds
+        # the noise once. Torch's DDP would also all-reduce the raw gradients in backward.
+        def configure_ddp(this: DDPStrategy) -> None:
+            this.model = DifferentiallyPrivateDistributedDataParallel(this.model)
+
+        strategy.configure_ddp = types.MethodType(configure_ddp, strategy)
+        self._patched_strategy = strategy
+
+    def _load_pretrained_history(self, pl_module: pl.LightningModule) -> None:
+        if not self.continue_pretrained_accounting or self.prior_history:
+            return
+        pretrained = getattr(pl_module, "zoo_pretrained", None) or {}
+        privacy = (pretrained.get("extra") or {}).get("privacy")
+        if not privacy:
+            return
+        self.prior_history = accounting.normalise_history(privacy["history"])
+        self.prior_source = pretrained.get("name")
+        rank_zero_info(
+            f"DP-SGD: continuing the accountant of pretrained checkpoint {self.prior_source!r} "
+            f"({accounting.total_steps(self.prior_history)} steps, epsilon "
+            f"{privacy.get('epsilon')} at delta {privacy.get('delta')})"
+        )
+
+    def _stop(self, trainer: pl.Trainer) -> None:
+        trainer.should_stop = True
+        if not self._budget_message_sent:
+            self._budget_message_sent = True
+            rank_zero_info(
+                f"DP-SGD: privacy budget epsilon={self.target_epsilon} at delta="
+                f"{self.target_delta:g} reached after {self.steps} private steps "
+                f"(epsilon={self.epsilon():.3f}); stopping training."
+            )
+
+
+def _max_epochs(trainer: pl.Trainer) -> int | None:
+    max_epochs = trainer.max_epochs
+    if max_epochs is None or max_epochs < 0 or math.isinf(max_epochs):
+        return None
+    return int(max_epochs)
+
+
+def _check_trainer(trainer: pl.Trainer) -> None:
+    if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise ValueError(
+            f"DPSGD supports single-device training and the 'ddp' strategies, got "
+            f"{type(trainer.strategy).__name__}. Use strategy='ddp' for several devices."
+        )
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(
+            f"DPSGD does not support accumulate_grad_batches={trainer.accumulate_grad_batches}: "
+            "stepping per micro-batch would count privacy wrongly. Raise the datamodule's "
+            "batch_size (the logical batch) and set DPSGD(max_physical_batch_size=...) instead."
+        )
+    if trainer.gradient_clip_val:
+        raise ValueError(
+            f"DPSGD does not support gradient_clip_val={trainer.gradient_clip_val}: Opacus "
+            "clips each example's gradient itself. Set DPSGD(max_grad_norm=...) instead."
+        )
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}.")
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a positive finite number, got {value}.")
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}.")
