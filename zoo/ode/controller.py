@@ -1,8 +1,9 @@
 """Step-size selection for the adaptive solver: the initial step and a PI controller.
 
-Everything here works on detached tensors, so the controller's decisions (accept or reject,
-next step size) carry no gradient. Gradients flow through the states and error estimates
-that the solver computes with these step sizes, not through the step sizes themselves.
+The controller's decisions (accept or reject, next step size) carry no gradient: the initial
+step is computed under ``torch.no_grad`` and the PI controller works on float64 NumPy arrays on
+the host. Gradients flow through the states and error estimates that the solver computes with
+these step sizes, not through the step sizes themselves.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -94,32 +96,32 @@ class PIController:
 
     def propose(
         self,
-        h: Tensor,
-        error: Tensor,
-        previous_error: Tensor,
-        accepted: Tensor,
-        previous_rejected: Tensor,
+        h: np.ndarray,
+        error: np.ndarray,
+        previous_error: np.ndarray,
+        accepted: np.ndarray,
+        previous_rejected: np.ndarray,
         error_order: int,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Compute the next step sizes and the error memory for the next call.
 
         Args:
             h: Step sizes just attempted, ``[m]``.
-            error: Scaled error norms of the attempt, ``[m]``, detached; NaN is allowed.
+            error: Scaled error norms of the attempt, ``[m]``; NaN is allowed.
             previous_error: Error of the last accepted step, ``[m]`` (initially ones).
             accepted: Whether each attempt was accepted, ``[m]`` bool.
             previous_rejected: Whether the attempt before this one was rejected, ``[m]`` bool.
             error_order: Order of the embedded error estimate.
 
         Returns:
-            ``(next_h, next_previous_error)``, both ``[m]``.
+            ``(next_h, next_previous_error)``, both ``[m]`` float64.
         """
-        error = torch.nan_to_num(error, nan=torch.inf)
-        grow = error.clamp(min=1e-10).pow(-self.exponent(error_order))
-        factor_accept = self.safety * grow * previous_error.pow(self.beta)
-        factor_accept = factor_accept.clamp(self.min_factor, self.max_factor)
-        factor_accept = torch.where(previous_rejected, factor_accept.clamp(max=1.0), factor_accept)
-        factor_reject = (self.safety * grow).clamp(self.min_factor, 1.0)
-        next_h = h * torch.where(accepted, factor_accept, factor_reject)
-        next_previous_error = torch.where(accepted, error.clamp(min=1e-4), previous_error)
+        # NaN fails every comparison, so this maps NaN (and only NaN) to +inf.
+        error = np.where(error <= np.inf, error, np.inf)
+        scaled_growth = self.safety * np.maximum(error, 1e-10) ** -self.exponent(error_order)
+        factor_accept = np.maximum(scaled_growth * previous_error**self.beta, self.min_factor)
+        factor_accept = np.minimum(factor_accept, np.where(previous_rejected, 1.0, self.max_factor))
+        factor_reject = np.minimum(np.maximum(scaled_growth, self.min_factor), 1.0)
+        next_h = h * np.where(accepted, factor_accept, factor_reject)
+        next_previous_error = np.where(accepted, np.maximum(error, 1e-4), previous_error)
         return next_h, next_previous_error

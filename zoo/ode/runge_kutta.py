@@ -1,11 +1,12 @@
 """The stepping loop of the adaptive Runge-Kutta solver; call it through ``solve_ivp``.
 
-The loop keeps every sample's state flat, ``[batch, n]``, and its clock in tensors of shape
-``[m]``: ``m`` is the batch size with per-sample steps and 1 with a shared step. Besides the
-vector-field calls, each step issues a fixed, small number of tensor operations: a stack, a
-matrix-vector product and an ``addcmul`` per stage. It synchronizes with the device once per
-step, to read four flags: any step accepted, any sample active, any output time crossed and
-any step-size underflow.
+The loop keeps every sample's state flat, ``[batch, n]``. Its clock (times, step sizes, accept
+and reject decisions, output crossings) is a set of float64 NumPy arrays of length ``m`` on the
+host: ``m`` is the batch size with per-sample steps and 1 with a shared step. Per-step overhead
+is what limits speed on small problems, so the device work per stage is one stack, one matrix
+product and one ``addcmul`` besides the vector-field call. The new state, the error estimate
+and the stiffness estimate's denominator come out of one matrix product, and the only per-step
+synchronization is the copy of the error norms to the host.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -67,9 +69,63 @@ class _FlatField:
 
 
 def _combine(weights: Tensor, stages: list[Tensor]) -> Tensor:
-    """Return ``sum_i weights[i] * stages[i]`` for shared weights ``[i]``."""
+    """Return ``weights @ stages`` for weights ``[r, i]``: ``[r, batch * n]``."""
     stacked = torch.stack(stages)
-    return (weights @ stacked.view(len(stages), -1)).view_as(stages[0])
+    return torch.mm(weights, stacked.view(len(stages), -1))
+
+
+def _attempt_step(
+    field: _FlatField,
+    coefficients: TableauTensors,
+    y: Tensor,
+    abs_y: Tensor,
+    k_first: Tensor,
+    stage_times: tuple[Tensor, ...],
+    h_column: Tensor,
+    h_scaled: Tensor,
+    inverse_h: Tensor,
+    rtol: float,
+    atol: Tensor,
+) -> tuple[Tensor, Tensor, list[Tensor], Tensor, Tensor]:
+    """Take one Runge-Kutta step from ``y``.
+
+    Args:
+        stage_times: Time of each stage, each ``[m]``.
+        h_column: Step sizes ``[m, 1]``.
+        h_scaled: ``h / sqrt(n)``, ``[m]``, which turns the error norm into an RMS.
+        inverse_h: ``1 / h`` (0 where ``h`` is 0), ``[m]``.
+
+    Returns:
+        ``(y_new, abs_y_new, stages, error_norm, stiffness)``: the new state ``[batch, n]``
+        and its absolute value, the stage derivatives (the FSAL stage last), the scaled error
+        norm ``[batch]`` and the stiffness estimate ``[batch]``.
+    """
+    stages = [k_first]
+    y_stage = torch.addcmul(y, k_first, h_column, value=coefficients.a21)
+    stages.append(field(stage_times[1], y_stage))
+    for i in range(2, len(stage_times) - 1):
+        combined = _combine(coefficients.a_rows[i], stages).view_as(y)
+        y_stage = torch.addcmul(y, combined, h_column)
+        stages.append(field(stage_times[i], y_stage))
+
+    # One product gives the new state, the error estimate and the last stage-input gap.
+    final = _combine(coefficients.final_weights, stages)
+    y_new = torch.addcmul(y, final[0].view_as(y), h_column)
+    k_last = field(stage_times[-1], y_new)
+    stages.append(k_last)
+
+    error = final[1].view_as(y).add(k_last, alpha=coefficients.b_error_last)
+    abs_y_new = y_new.abs()
+    scale = torch.add(atol, torch.maximum(abs_y, abs_y_new), alpha=rtol)
+    error_norm = torch.linalg.vector_norm(error / scale, dim=1) * h_scaled
+
+    # Dominant-eigenvalue estimate ||f(g7) - f(g6)|| / ||g7 - g6|| from the last two stages,
+    # both evaluated at the end of the step, where g7 - g6 = h * final[2].
+    stage_gap = torch.linalg.vector_norm(final[2].view_as(y), dim=1)
+    derivative_gap = torch.linalg.vector_norm(k_last - stages[-2], dim=1)
+    tiny = torch.finfo(y.dtype).tiny
+    stiffness = derivative_gap / stage_gap.clamp_min(tiny) * inverse_h
+    return y_new, abs_y_new, stages, error_norm, stiffness
 
 
 def _interpolate(
@@ -77,18 +133,31 @@ def _interpolate(
     stages: list[Tensor],
     h: Tensor,
     theta: Tensor,
-    interpolation: Tensor,
+    interpolation_t: Tensor,
 ) -> Tensor:
     """Evaluate the dense output ``y + h * sum_i b_i(theta) k_i`` for ``theta`` ``[m]``."""
-    powers = theta.unsqueeze(1) ** torch.arange(
-        interpolation.shape[1], device=theta.device, dtype=theta.dtype
-    )
-    weights = powers @ interpolation.T  # [m, s]
+    degrees = torch.arange(interpolation_t.shape[0], device=theta.device, dtype=theta.dtype)
+    weights = (theta.unsqueeze(1) ** degrees) @ interpolation_t  # [m, s]
     if weights.shape[0] == 1:
-        combined = _combine(weights[0], stages)
+        combined = _combine(weights, stages).view_as(y)
     else:
         combined = torch.bmm(weights.unsqueeze(1), torch.stack(stages, dim=1)).squeeze(1)
     return torch.addcmul(y, combined, h.unsqueeze(1))
+
+
+class _HostToDevice:
+    """Copy float64 or bool NumPy arrays to tensors of the solve's dtype and device."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype = dtype
+        self.device = device
+        self.numpy_dtype = torch.empty((), dtype=dtype).numpy().dtype
+
+    def floats(self, values: np.ndarray) -> Tensor:
+        return torch.from_numpy(values.astype(self.numpy_dtype)).to(self.device)
+
+    def mask(self, values: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.array(values, dtype=bool)).to(self.device)
 
 
 def integrate_adaptive(
@@ -108,153 +177,157 @@ def integrate_adaptive(
     """Integrate with validated arguments; see :func:`zoo.ode.solver.solve_ivp`."""
     shape = y0.shape
     field = _FlatField(func, shape, per_sample_steps)
+    to_device = _HostToDevice(y0.dtype, y0.device)
     y = y0.reshape(field.flat_shape)
     batch, n = y.shape
     m = batch if per_sample_steps else 1
-    n_outputs = times.shape[0]
-    t_start = times[0].item()
-    t_end = times[-1].item()
+    output_times = times.detach().cpu().double().numpy()
+    t_start, t_end = float(output_times[0]), float(output_times[-1])
     underflow_h = _UNDERFLOW_ULPS * torch.finfo(y.dtype).eps * max(abs(t_start), abs(t_end))
     error_order = tableau.error_order
     n_stages = tableau.n_stages
-    a_rows = coefficients.a_rows
-    a21 = tableau.a[1][0]
-
-    def to_batch(values: Tensor) -> Tensor:
-        return values if per_sample_steps else values.expand(batch)
+    stage_fractions = np.asarray(tableau.c)[:, None]
 
     def reduce(norms: Tensor) -> Tensor:
         if per_sample_steps:
             return norms
         return norms.square().mean().sqrt().unsqueeze(0)
 
-    t_now = torch.full((m,), t_start, dtype=y.dtype, device=y.device)
-    k_first = field.first_call(t_now, y)
+    def to_batch(values: np.ndarray) -> np.ndarray:
+        return values if per_sample_steps else np.broadcast_to(values, (batch,))
+
+    k_first = field.first_call(y.new_full((m,), t_start), y)
     if not bool(torch.isfinite(k_first).all()):
         raise NonFiniteStateError(
             f"func(t, y0) returned NaN or infinite values at t={t_start} (step 0); check the "
             "vector field and the initial state."
         )
     if first_step is None:
-        h = initial_step_size(
-            field, t_now, y.detach(), k_first.detach(), rtol, atol, error_order, reduce
+        h_first = initial_step_size(
+            field,
+            y.new_full((m,), t_start),
+            y.detach(),
+            k_first.detach(),
+            rtol,
+            atol,
+            error_order,
+            reduce,
         )
+        h = h_first.cpu().double().numpy()
     else:
-        h = torch.full((m,), first_step, dtype=y.dtype, device=y.device)
-    h = h.clamp(max=t_end - t_start)
+        h = np.full(m, first_step)
+    h = np.minimum(h, t_end - t_start)
 
+    t_now = np.full(m, t_start)
+    previous_rejected = np.zeros(m, dtype=bool)
+    previous_error = np.ones(m)
     # Output times, padded with +inf so that a finished sample never crosses another one.
-    padded_times = torch.cat([times, times.new_full((1,), torch.inf)])
-    next_output = torch.ones(m, dtype=torch.long, device=y.device)
-    next_time = padded_times[next_output]
-    sample_index = torch.arange(batch, device=y.device)
-    output_rows = [sample_index]
+    padded_times = np.append(output_times, np.inf)
+    next_output = np.ones(m, dtype=np.int64)
+    output_rows = [np.arange(batch)]
     output_values = [y]
 
-    active = torch.ones(m, dtype=torch.bool, device=y.device)
-    previous_rejected = torch.zeros(m, dtype=torch.bool, device=y.device)
-    previous_error = torch.ones(m, dtype=y.dtype, device=y.device)
-    t_end_tensor = torch.full((m,), t_end, dtype=y.dtype, device=y.device)
-    zero = torch.zeros((), dtype=y.dtype, device=y.device)
-    tiny = torch.finfo(y.dtype).tiny
-    inv_sqrt_n = n**-0.5
-
+    atol_tensor = y.new_tensor(atol)
+    host_values = np.empty((n_stages + 3, m))
+    abs_y = y.abs()
+    inverse_sqrt_n = n**-0.5
     rows_error, rows_stiffness, rows_h, rows_accepted, rows_rejected = [], [], [], [], []
     n_iterations = 0
     while True:
+        remaining = t_end - t_now
+        active = remaining > 0
+        if not active.any():
+            break
         if n_iterations >= max_steps:
-            t_min = t_now.min().item()
             raise MaxStepsExceededError(
                 f"max_steps={max_steps} attempted steps did not reach t={t_end}: the slowest "
-                f"sample stopped at t={t_min:.6g} after {len(rows_error)} accepted-step "
-                f"iterations. Raise max_steps, loosen rtol={rtol:g} / atol={atol:g}, or check "
-                "whether the dynamics are stiff (an explicit method needs many small steps there)."
+                f"sample stopped at t={t_now.min():.6g} after {len(rows_error)} "
+                f"accepted-step iterations. Raise max_steps, loosen rtol={rtol:g} / "
+                f"atol={atol:g}, or check whether the dynamics are stiff (an explicit method "
+                "needs many small steps there)."
             )
         n_iterations += 1
 
-        remaining = t_end_tensor - t_now
-        h_step = torch.where(active, torch.minimum(h, remaining), zero)
-        h_column = h_step.unsqueeze(1)
-        stage_times = torch.addcmul(t_now.unsqueeze(1), h_column, coefficients.c).unbind(1)
-
-        stages = [k_first]
-        y_stage = torch.addcmul(y, k_first, h_column, value=a21)
-        for i in range(1, n_stages):
-            if i > 1:
-                y_stage = torch.addcmul(y, _combine(a_rows[i], stages), h_column)
-            if i == n_stages - 2:
-                y_before_last = y_stage
-            stages.append(field(stage_times[i], y_stage))
-        y_new = y_stage  # FSAL: the last stage is evaluated at the new state.
-        k_last = stages[-1]
-
-        error = _combine(coefficients.b_error_head, stages[:-1]).add(
-            k_last, alpha=coefficients.b_error_last
+        # A finished sample sits at t_end exactly, so its step is 0 and its state stays put.
+        h_step = np.minimum(h, remaining)
+        # Stage times, h, h / sqrt(n) and 1 / h go to the device in one transfer. 1 / h only
+        # scales stiffness estimates that are zero where h is 0, so the floor just keeps it finite.
+        np.multiply(stage_fractions, h_step, out=host_values[:n_stages])
+        host_values[:n_stages] += t_now
+        host_values[n_stages] = h_step
+        np.multiply(h_step, inverse_sqrt_n, out=host_values[n_stages + 1])
+        np.divide(1.0, np.maximum(h_step, 1e-30), out=host_values[n_stages + 2])
+        device_values = to_device.floats(host_values).unbind(0)
+        h_tensor = device_values[n_stages]
+        y_new, abs_y_new, stages, error_norm, stiffness = _attempt_step(
+            field,
+            coefficients,
+            y,
+            abs_y,
+            k_first,
+            device_values[:n_stages],
+            h_tensor.unsqueeze(1),
+            device_values[n_stages + 1],
+            device_values[n_stages + 2],
+            rtol,
+            atol_tensor,
         )
-        scale = torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
-        error_norm = torch.linalg.vector_norm(error / scale, dim=1)
-        error_norm = error_norm * to_batch(h_step * inv_sqrt_n)
-        # Dominant-eigenvalue estimate ||f(g7) - f(g6)|| / ||g7 - g6|| from the last two stages.
-        stage_gap = torch.linalg.vector_norm(y_new - y_before_last, dim=1)
-        stiffness = torch.linalg.vector_norm(k_last - stages[-2], dim=1) / stage_gap.clamp_min(tiny)
 
-        controller_error = reduce(error_norm.detach())
-        accepted = (controller_error <= 1.0) & active
-        h_next, previous_error = controller.propose(
-            h_step, controller_error, previous_error, accepted, previous_rejected, error_order
-        )
+        error_host = reduce(error_norm.detach()).cpu().numpy().astype(np.float64)
+        accepted = (error_host <= 1.0) & active
         rejected = active & ~accepted
-        previous_rejected = rejected
+        h_next, previous_error = controller.propose(
+            h_step, error_host, previous_error, accepted, previous_rejected, error_order
+        )
 
-        accepted_column = to_batch(accepted).unsqueeze(1)
-        y_old = y
-        k_first_old = k_first
-        y = torch.where(accepted_column, y_new, y)
-        k_first = torch.where(accepted_column, k_last, k_first)
-        t_old = t_now
-        t_candidate = t_now + h_step
-        finishing = accepted & ((h >= remaining) | (t_candidate >= t_end_tensor))
-        t_now = torch.where(accepted, t_candidate, t_now)
-        t_now = torch.where(finishing, t_end_tensor, t_now)
-        active = active & ~finishing
-        h = h_next
-
-        crossing = accepted & (next_time <= t_now)
-        underflow = active & (h < underflow_h)
-        any_accepted, any_active, any_crossing, any_underflow = torch.stack(
-            [accepted.any(), active.any(), crossing.any(), underflow.any()]
-        ).tolist()
-
+        any_accepted = bool(accepted.any())
         rows_rejected.append(rejected)
         if any_accepted:
             rows_error.append(error_norm)
             rows_stiffness.append(stiffness)
             rows_h.append(h_step)
             rows_accepted.append(accepted)
-        else:
-            # Drop the graph of an attempt that no sample accepted, so that NaN or infinite
-            # stages of a rejected step cannot reach the gradients as 0 * NaN.
-            y, k_first = y_old, k_first_old
+        y_old = y
+        if not rejected.any():
+            # Finished samples took a step of size 0, so y_new equals y for them.
+            y, abs_y, k_first = y_new, abs_y_new, stages[-1]
+        elif any_accepted:
+            mask = to_device.mask(to_batch(accepted)).unsqueeze(1)
+            y = torch.where(mask, y_new, y)
+            abs_y = torch.where(mask, abs_y_new, abs_y)
+            k_first = torch.where(mask, stages[-1], k_first)
+        # With no sample accepted, y and k_first keep their old graph, which drops the
+        # attempt, so NaN or infinite stages of a rejected step cannot reach the gradients.
 
-        while any_crossing:
-            theta = torch.where(crossing, (next_time - t_old) / h_step, zero).clamp(0.0, 1.0)
-            values = _interpolate(y_old, stages, h_step, theta, coefficients.interpolation)
-            selected = torch.nonzero(to_batch(crossing)).squeeze(1)
+        t_old = t_now
+        t_now = np.where(h >= remaining, t_end, np.minimum(t_now + h_step, t_end))
+        t_now = np.where(accepted, t_now, t_old)
+        h = h_next
+        previous_rejected = rejected
+
+        crossing = accepted & (padded_times[next_output] <= t_now)
+        while crossing.any():
+            theta = np.where(crossing, (padded_times[next_output] - t_old) / h_step, 0.0)
+            values = _interpolate(
+                y_old,
+                stages,
+                h_tensor,
+                to_device.floats(np.clip(theta, 0.0, 1.0)),
+                coefficients.interpolation_t,
+            )
+            selected = np.nonzero(to_batch(crossing))[0]
             output_rows.append(to_batch(next_output)[selected] * batch + selected)
-            output_values.append(values[selected])
-            next_output = next_output + crossing.long()
-            next_time = padded_times[next_output]
-            crossing = accepted & (next_time <= t_now)
-            any_crossing = bool(crossing.any())
+            output_values.append(values[torch.from_numpy(selected).to(y.device)])
+            next_output = next_output + crossing
+            crossing = accepted & (padded_times[next_output] <= t_now)
 
-        if any_underflow:
-            _raise_underflow(underflow, t_now, h, controller_error, n_iterations, rtol, atol)
-        if not any_active:
-            break
+        underflow = (t_now < t_end) & (h < underflow_h)
+        if underflow.any():
+            _raise_underflow(underflow, t_now, h, error_host, n_iterations, rtol, atol)
 
-    ys = _assemble_outputs(output_rows, output_values, n_outputs, batch, n)
+    ys = _assemble_outputs(output_rows, output_values, len(output_times), batch, n)
     stats = _collect_stats(
-        rows_error, rows_stiffness, rows_h, rows_accepted, rows_rejected, to_batch, field.calls
+        rows_error, rows_stiffness, rows_h, rows_accepted, rows_rejected, batch, field.calls
     )
     logger.debug(
         "Solved to t=%g: nfe=%d, accepted=%d, rejected=%d",
@@ -263,71 +336,74 @@ def integrate_adaptive(
         stats.n_accepted,
         stats.n_rejected,
     )
-    return ODESolution(ts=times, ys=ys.view(n_outputs, *shape), stats=stats)
+    return ODESolution(ts=times, ys=ys.view(len(output_times), *shape), stats=stats)
 
 
 def _raise_underflow(
-    underflow: Tensor,
-    t_now: Tensor,
-    h: Tensor,
-    controller_error: Tensor,
+    underflow: np.ndarray,
+    t_now: np.ndarray,
+    h: np.ndarray,
+    error: np.ndarray,
     step: int,
     rtol: float,
     atol: float,
 ) -> None:
-    index = int(torch.nonzero(underflow)[0])
-    t_value = t_now[index].item()
-    h_value = h[index].item()
-    sample = f" (sample {index})" if underflow.numel() > 1 else ""
-    if not bool(torch.isfinite(controller_error[index])):
+    index = int(np.nonzero(underflow)[0][0])
+    sample = f" (sample {index})" if underflow.size > 1 else ""
+    if not np.isfinite(error[index]):
         raise NonFiniteStateError(
-            f"Non-finite state at t={t_value:.17g}, step {step}{sample}: the Runge-Kutta stages "
-            f"stayed NaN or infinite for every step size down to h={h_value:.3g}. The solution "
-            "probably blows up here; check the dynamics, the initial state and the time span."
+            f"Non-finite state at t={t_now[index]:.17g}, step {step}{sample}: the Runge-Kutta "
+            f"stages stayed NaN or infinite for every step size down to h={h[index]:.3g}. The "
+            "solution probably blows up here; check the dynamics, the initial state and the "
+            "time span."
         )
     raise StepSizeUnderflowError(
-        f"Step size underflow at t={t_value:.17g}, step {step}{sample}: h={h_value:.3g} is at "
-        f"the rounding level of t with rtol={rtol:g}, atol={atol:g}. Loosen the tolerances, or "
-        "check the dynamics for a singularity or finite-time blow-up near this t."
+        f"Step size underflow at t={t_now[index]:.17g}, step {step}{sample}: h={h[index]:.3g} "
+        f"is at the rounding level of t with rtol={rtol:g}, atol={atol:g}. Loosen the "
+        "tolerances, or check the dynamics for a singularity or finite-time blow-up near this t."
     )
 
 
 def _assemble_outputs(
-    rows: list[Tensor], values: list[Tensor], n_outputs: int, batch: int, n: int
+    rows: list[np.ndarray], values: list[Tensor], n_outputs: int, batch: int, n: int
 ) -> Tensor:
-    index = torch.cat(rows)
-    if index.numel() != n_outputs * batch:
+    index = np.concatenate(rows)
+    if index.size != n_outputs * batch:
         raise RuntimeError(
-            f"Internal solver error: {index.numel()} output states written, expected "
+            f"Internal solver error: {index.size} output states written, expected "
             f"{n_outputs * batch}; please report this with the problem that triggers it."
         )
     stacked = torch.cat(values)
-    return stacked.new_zeros(n_outputs * batch, n).index_copy(0, index, stacked)
+    index_tensor = torch.from_numpy(index).to(stacked.device)
+    return stacked.new_zeros(n_outputs * batch, n).index_copy(0, index_tensor, stacked)
 
 
 def _collect_stats(
     rows_error: list[Tensor],
     rows_stiffness: list[Tensor],
-    rows_h: list[Tensor],
-    rows_accepted: list[Tensor],
-    rows_rejected: list[Tensor],
-    to_batch: Callable[[Tensor], Tensor],
+    rows_h: list[np.ndarray],
+    rows_accepted: list[np.ndarray],
+    rows_rejected: list[np.ndarray],
+    batch: int,
     nfe: int,
 ) -> SolverStats:
-    mask = torch.stack([to_batch(row) for row in rows_accepted])
-    rejected = torch.stack([to_batch(row) for row in rows_rejected])
     error = torch.stack(rows_error)
-    stiffness = torch.stack(rows_stiffness)
-    h = torch.stack([to_batch(row) for row in rows_h])
+    device = error.device
+    # Rows of a shared step have one column; broadcast them to the batch.
+    accepted = np.broadcast_to(np.stack(rows_accepted), (len(rows_accepted), batch))
+    rejected = np.broadcast_to(np.stack(rows_rejected), (len(rows_rejected), batch))
+    h = np.broadcast_to(np.stack(rows_h), (len(rows_h), batch))
+    mask = torch.from_numpy(np.array(accepted, dtype=bool)).to(device)
     zero = error.new_zeros(())
+    step_sizes = torch.from_numpy(np.where(accepted, h, 0.0)).to(device=device, dtype=error.dtype)
     return SolverStats(
         nfe=nfe,
         n_accepted=len(rows_accepted),
-        n_rejected=int(rejected.any(dim=1).sum()),
+        n_rejected=int(rejected.any(axis=1).sum()),
         error_estimates=torch.where(mask, error, zero),
-        step_sizes=torch.where(mask, h, zero).detach(),
-        stiffness_estimates=torch.where(mask, stiffness, zero),
+        step_sizes=step_sizes,
+        stiffness_estimates=torch.where(mask, torch.stack(rows_stiffness), zero),
         step_mask=mask,
         n_accepted_per_sample=mask.sum(dim=0),
-        n_rejected_per_sample=rejected.sum(dim=0),
+        n_rejected_per_sample=torch.from_numpy(rejected.sum(axis=0)).to(device),
     )

@@ -244,27 +244,48 @@ def stability_region_size(method: str) -> float:
 
 @dataclass(frozen=True)
 class TableauTensors:
-    """A tableau's coefficients as tensors of one dtype and device, built once and cached."""
+    """A tableau's coefficients as tensors of one dtype and device, built once and cached.
+
+    Attributes:
+        c: Stage times as fractions of the step, ``[s]``.
+        a21: Weight of the first stage in the second stage's input.
+        a_rows: Row ``i`` of ``a`` as a ``[1, i]`` matrix, for stages ``2 .. s-2``; entries 0 and
+            1 (and ``s - 1``) are ``None``.
+        final_weights: ``[3, s - 1]`` weights applied to stages ``1 .. s-1`` in one product:
+            the new state (row ``s - 1`` of ``a``), the error estimate without the FSAL stage
+            (``b_error[:-1]``) and the gap between the last two stage inputs.
+        b_error_last: ``b_error`` of the FSAL stage.
+        interpolation_t: Transposed dense-output coefficients, ``[degree + 1, s]``.
+    """
 
     c: Tensor
-    a_rows: tuple[Tensor, ...]
-    b_error_head: Tensor
+    a21: float
+    a_rows: tuple[Tensor | None, ...]
+    final_weights: Tensor
     b_error_last: float
-    interpolation: Tensor
+    interpolation_t: Tensor
 
 
 @cache
 def tableau_tensors(method: str, dtype: torch.dtype, device: torch.device) -> TableauTensors:
     """Convert the coefficients of ``method`` to tensors (cached per dtype and device)."""
     tableau = get_tableau(method)
+    n_stages = tableau.n_stages
 
     def as_tensor(values: object) -> Tensor:
         return torch.tensor(values, dtype=dtype, device=device)
 
+    a_rows: list[Tensor | None] = [None, None]
+    a_rows += [as_tensor([tableau.a[i]]) for i in range(2, n_stages - 1)]
+    a_rows.append(None)
+    new_state = np.asarray(tableau.a[n_stages - 1])
+    before_last = _pad(np.asarray(tableau.a[n_stages - 2]), n_stages - 1)
+    final_weights = np.stack([new_state, np.asarray(tableau.b_error[:-1]), new_state - before_last])
     return TableauTensors(
         c=as_tensor(tableau.c),
-        a_rows=tuple(as_tensor(row) for row in tableau.a),
-        b_error_head=as_tensor(tableau.b_error[:-1]),
+        a21=float(tableau.a[1][0]),
+        a_rows=tuple(a_rows),
+        final_weights=as_tensor(final_weights),
         b_error_last=float(tableau.b_error[-1]),
-        interpolation=as_tensor(tableau.interpolation),
+        interpolation_t=as_tensor(tableau.interpolation.T.copy()),
     )
