@@ -79,7 +79,8 @@ class ODEClassifier(pl.LightningModule):
     logged per epoch by :class:`zoo.callbacks.ode_stats.ODEStatsCallback`.
 
     Args:
-        image_shape: ``[channels, height, width]`` of the input images.
+        image_shape: ``[channels, height, width]`` of the input images; ``None`` means
+            ``[1, 28, 28]`` (MNIST).
         num_classes: Number of classes.
         downsample: ``"flatten"``, ``"avgpool"`` or ``"linear"``; see :func:`build_downsampler`.
         state_size: State size of the ODE for ``downsample="linear"``.
@@ -105,7 +106,7 @@ class ODEClassifier(pl.LightningModule):
 
     def __init__(
         self,
-        image_shape: list[int] | tuple[int, int, int] = (1, 28, 28),
+        image_shape: list[int] | None = None,
         num_classes: int = 10,
         downsample: str = "linear",
         state_size: int = 32,
@@ -127,6 +128,8 @@ class ODEClassifier(pl.LightningModule):
         log_ode_stats: bool = True,
     ) -> None:
         super().__init__()
+        if image_shape is None:
+            image_shape = [1, 28, 28]
         if len(image_shape) != 3:
             raise ValueError(
                 f"image_shape={list(image_shape)} is invalid; give [channels, height, width]."
@@ -149,6 +152,7 @@ class ODEClassifier(pl.LightningModule):
         # Validate the weights now rather than at the first epoch.
         annealed_weight(0, reg_weight, reg_weight_final, reg_anneal_epochs or 1)
         self.save_hyperparameters()
+        self.hparams.image_shape = [int(size) for size in image_shape]
 
         shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))
         self.downsampler, ode_size = build_downsampler(downsample, shape, state_size, pool_factor)

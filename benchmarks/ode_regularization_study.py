@@ -1,0 +1,205 @@
+"""Compare unregularized, ERNODE and SRNODE neural ODEs trained with one seed and budget.
+
+For each variant the script trains the registered model with the same seed, data subset
+and number of epochs, in one process one after another, and then measures on the test
+set: accuracy (classifier) or mean squared error (latent ODE), the mean NFE per test
+batch, the wall time of predicting the whole test set, and the training wall time.
+Ratios against the unregularized model are printed as a Markdown table and saved as JSON.
+
+Example (the MNIST table of docs/benchmarks/ode-models.md)::
+
+    python benchmarks/ode_regularization_study.py --task mnist --data-dir ../shared/data \\
+        --epochs 3 --subset 10000 --out docs/benchmarks/ode-mnist-study.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from zoo import hub
+
+logger = logging.getLogger(__name__)
+
+TASKS = {
+    "mnist": ["ode-mnist", "ode-mnist-ernode", "ode-mnist-srnode"],
+    "mocap": ["ode-mocap", "ode-mocap-ernode", "ode-mocap-srnode"],
+    "digits": ["ode-digits", "ode-digits-ernode", "ode-digits-srnode"],
+}
+
+
+def build_from_config(
+    name: str, data_dir: str | None, data_overrides: dict[str, Any]
+) -> tuple[pl.LightningModule, pl.LightningDataModule]:
+    """Instantiate the model and datamodule of the registered config ``name``."""
+    config = hub.load_config(name)
+    model = hub.create_model(name)
+    data_section = config["data"]
+    data_class = hub.import_class(data_section["class_path"])
+    data_args = dict(data_section.get("init_args") or {})
+    data_args.update(data_overrides)
+    if data_dir is not None:
+        data_args["data_dir"] = data_dir
+    return model, data_class(**data_args)
+
+
+@torch.no_grad()
+def evaluate(model: pl.LightningModule, loader: torch.utils.data.DataLoader) -> dict[str, float]:
+    """Predict every test batch; return the metric, mean NFE per batch and wall time."""
+    model.eval()
+    nfe: list[float] = []
+    correct = 0
+    squared_error = 0.0
+    count = 0
+    elapsed = 0.0
+    is_classifier = True
+    for batch in loader:
+        start = time.perf_counter()
+        is_classifier = len(batch) == 2
+        if is_classifier:
+            images, labels = batch
+            predictions = model(images).argmax(dim=-1)
+            elapsed += time.perf_counter() - start
+            correct += int((predictions == labels).sum())
+            count += len(labels)
+        else:
+            values, mask, times = batch
+            reconstruction = model(values, mask, times)
+            elapsed += time.perf_counter() - start
+            squared_error += float((reconstruction - values).pow(2).mean(dim=(1, 2)).sum())
+            count += len(values)
+        nfe.append(model.ode_stats["nfe"])
+    result = {"nfe": sum(nfe) / len(nfe), "predict_seconds": elapsed, "test_examples": count}
+    if is_classifier:
+        result["accuracy"] = correct / count
+    else:
+        result["mse"] = squared_error / count
+    return result
+
+
+def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Train and evaluate one registered model; return its row of the table."""
+    pl.seed_everything(args.seed, workers=True)
+    overrides: dict[str, Any] = {}
+    if args.subset is not None:
+        overrides["subset"] = args.subset
+    if args.val_size is not None:
+        overrides["val_size"] = args.val_size
+    model, data = build_from_config(name, args.data_dir, overrides)
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=args.limit_val_batches,
+        num_sanity_val_steps=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, data)
+    train_seconds = time.perf_counter() - start
+    data.setup("test")
+    row = {"model": name, "train_seconds": train_seconds, **evaluate(model, data.test_dataloader())}
+    logger.info("%s: %s", name, row)
+    if args.export_dir and name.endswith("-ernode"):
+        export(model, name, row, args)
+    return row
+
+
+def export(model: pl.LightningModule, name: str, row: dict[str, Any], args: argparse.Namespace):
+    """Export the trained ERNODE model as a pretrained checkpoint with its test metric."""
+    if "accuracy" in row:
+        metric = {
+            "name": "test_accuracy",
+            "value": row["accuracy"],
+            "data": f"{args.task} test split ({row['test_examples']} examples)",
+            "protocol": f"{args.epochs} epochs, seed {args.seed}, subset {args.subset}",
+        }
+        license_text = "MNIST: CC BY-SA 3.0 (LeCun, Cortes, Burges)"
+        if args.task == "digits":
+            license_text = "UCI optical digits via scikit-learn: CC BY 4.0"
+    else:
+        metric = {
+            "name": "test_mse",
+            "value": row["mse"],
+            "data": f"CMU mocap subject 35 walking, test split ({row['test_examples']} windows)",
+            "protocol": f"{args.epochs} epochs, seed {args.seed}",
+        }
+        license_text = "CMU Graphics Lab Motion Capture Database (free use, no resale)"
+    extra = {"test_nfe": row["nfe"]}
+    hub.export_pretrained(
+        model,
+        name,
+        model=name,
+        metric=metric,
+        data_license=license_text,
+        extra=extra,
+        out_dir=args.export_dir,
+    )
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Return a Markdown table with ratios against the first (unregularized) row."""
+    base = rows[0]
+    metric = "accuracy" if "accuracy" in base else "mse"
+    lines = [
+        f"| model | test {metric} | test NFE per batch | NFE ratio | prediction s | "
+        "prediction ratio | training s | training ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row[metric]:.4f} | {row['nfe']:.1f} | "
+            f"{row['nfe'] / base['nfe']:.2f} | {row['predict_seconds']:.2f} | "
+            f"{row['predict_seconds'] / base['predict_seconds']:.2f} | "
+            f"{row['train_seconds']:.1f} | {row['train_seconds'] / base['train_seconds']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=sorted(TASKS), default="mnist")
+    parser.add_argument("--models", nargs="+", help="registered models (default: the task's)")
+    parser.add_argument("--data-dir", help="data root (default: $ZOO_DATA_DIR)")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs per model")
+    parser.add_argument("--subset", type=int, help="MNIST training examples (default: config)")
+    parser.add_argument("--val-size", type=int, help="MNIST validation examples")
+    parser.add_argument("--limit-val-batches", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--export-dir", help="export the ERNODE model as pretrained here")
+    args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = args.models or TASKS[args.task]
+    rows = [run_variant(name, args) for name in names]
+    table = format_table(rows)
+    logger.info("\n%s", table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
