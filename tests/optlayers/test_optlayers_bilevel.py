@@ -12,6 +12,16 @@ from zoo.optlayers.bilevel import BilevelLogisticRegression, evaluate_split
 from zoo.optlayers.logistic import add_intercept, fit_gradient_descent, fit_newton, solve_implicit
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Run with one intra-op thread: the solvers' many tiny batched operations get slower,
+    not faster, from thread synchronization on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def splits():
     datamodule = BreastCancerBilevelDataModule()

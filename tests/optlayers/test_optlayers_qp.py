@@ -13,6 +13,16 @@ from zoo.optlayers.cvxpy_layer import ConvexLayer
 DTYPE = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Run with one intra-op thread: the solvers' many tiny batched operations get slower,
+    not faster, from thread synchronization on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def random_qp(batch: int, n: int, m: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     factor = torch.randn(batch, n, n, generator=generator, dtype=DTYPE)
