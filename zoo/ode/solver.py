@@ -90,8 +90,11 @@ def _check_inputs(
 
     if isinstance(t, Tensor):
         times = t.detach().to(dtype=y0.dtype, device=y0.device)
-    elif isinstance(t, Sequence):
-        times = torch.tensor(t, dtype=y0.dtype, device=y0.device)
+    elif isinstance(t, Sequence) and not isinstance(t, (str, bytes)):
+        try:
+            times = torch.tensor(t, dtype=y0.dtype, device=y0.device)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"t must be a 1-D sequence of numbers, got {t!r}: {error}") from error
     else:
         raise TypeError(f"t must be a 1-D tensor or sequence of times, got {type(t).__name__}.")
     if times.dim() != 1 or times.numel() < 2:
