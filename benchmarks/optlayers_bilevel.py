@@ -12,8 +12,8 @@ data (the split of ``BreastCancerBilevelDataModule``: 150 inner training, 200 va
 Every tuned setting is evaluated with the inner problem solved to optimality (Newton), so the
 reported losses compare hyperparameters, not inner solvers. A second table measures one
 hypergradient computation as the inner iteration count grows, with gradient descent as the
-inner solver in both modes: wall time, the bytes that autograd saves for the backward pass,
-and the error against the exact hypergradient. Run from the repository root::
+inner solver in both modes. It reports wall time, the bytes that autograd saves for the
+backward pass, and the error against the exact hypergradient. Run from the repository root::
 
     python benchmarks/optlayers_bilevel.py --outer-steps 100 --json bilevel.json
 """

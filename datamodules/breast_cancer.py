@@ -69,7 +69,7 @@ class BreastCancerBilevelDataModule(pl.LightningDataModule):
 
     The training loader iterates over the outer validation rows in shuffled mini-batches, and
     every batch carries the full inner set (see :class:`AttachInnerSet`). Under DDP each
-    process thus sees different outer rows but the same inner problem. The validation and
+    process thus receives different outer rows but the same inner problem. The validation and
     test loaders give one batch with the whole validation or test set as outer rows.
 
     Args:

@@ -97,7 +97,7 @@ def test_qp_gradient_matches_generic_kkt_implicit_diff():
 
 def test_qp_layer_reports_infeasible_element_by_index():
     Q, q, G, h = random_qp(3, 2, 2, seed=3)
-    # Element 1 asks for x1 <= -1 and -x1 <= -1 (x1 >= 1) at once: infeasible.
+    # Element 1 requires x1 <= -1 and x1 >= 1 at once, so it is infeasible.
     G_batch = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]] * 3, dtype=DTYPE)
     G_batch[1] = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=DTYPE)
     h_batch = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, 1.0]], dtype=DTYPE)

@@ -3,8 +3,8 @@
 ``cvxpylayers.torch.CvxpyLayer`` (cvxpylayers 1.2) solves a batch as one cone program and
 raises one ``SolverError`` for the whole batch when any element fails. :class:`ConvexLayer`
 re-solves such a batch one element at a time, returns zeros for the elements that failed,
-and reports them by index, so that one infeasible sample does not stop a training step
-(and, under DDP, does not leave the other processes waiting in an all-reduce).
+and reports them by index. One infeasible sample thus does not stop a training step, and
+under DDP it does not leave the other processes waiting in an all-reduce.
 """
 
 from __future__ import annotations

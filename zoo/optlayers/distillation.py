@@ -2,10 +2,10 @@
 
 A few synthetic images (``images_per_class`` per class) are learned so that an L2-regularized
 multinomial logistic regression trained on them alone classifies real images well. Each
-training step fits that regression on the synthetic images to optimality (Newton's method,
-no graph), then backpropagates the cross-entropy on a batch of real images to the synthetic
-images through the stationarity condition of the regression (implicit differentiation, CG on
-Hessian-vector products). The setup follows the dataset-distillation experiment of Blondel
+training step fits that regression on the synthetic images to optimality by Newton's method,
+without a graph. It then backpropagates the cross-entropy on a batch of real images to the
+synthetic images through the stationarity condition of the regression: implicit
+differentiation, with CG on Hessian-vector products for the adjoint solve. The setup follows the dataset-distillation experiment of Blondel
 et al., "Efficient and Modular Implicit Differentiation", NeurIPS 2022, on 8 x 8 digits
 instead of MNIST.
 """

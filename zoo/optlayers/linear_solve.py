@@ -196,8 +196,8 @@ def solve_gmres(
 ) -> torch.Tensor:
     """Solve ``A x = b`` for a non-symmetric ``A`` by restarted GMRES (Saad and Schultz, 1986).
 
-    The batch is solved as one block-diagonal system, so ``batch_dims`` only sets how the
-    result is reported; the stopping rule uses the norm of the whole residual.
+    The batch is solved as one block-diagonal system. ``batch_dims`` is therefore accepted
+    but unused, and the stopping rule uses the norm of the whole residual.
 
     Args:
         matvec: The operator ``v -> A v``.
@@ -206,7 +206,7 @@ def solve_gmres(
         tol: Stop when ``||r|| <= tol * ||b||``.
         maxiter: Maximum number of restart cycles; defaults to ``size // restart + 10``.
         ridge: Adds ``ridge * I`` to ``A``.
-        batch_dims: Accepted for a uniform interface; see above.
+        batch_dims: Accepted for a uniform interface and unused.
         restart: Krylov subspace dimension per cycle.
     """
     _check_common(b, tol, maxiter, ridge, batch_dims)
@@ -284,8 +284,9 @@ def solve_dense(
 ) -> torch.Tensor:
     """Solve ``A x = b`` by LU after materializing ``A`` with one matvec per column.
 
-    Exact up to rounding and fast for systems of up to a few hundred unknowns each;
-    ``x0``, ``tol`` and ``maxiter`` are accepted for a uniform interface and ignored.
+    The result is exact up to rounding, and the solve is fast for systems of up to a few
+    hundred unknowns each. ``x0``, ``tol`` and ``maxiter`` are accepted for a uniform
+    interface and ignored.
     """
     del x0, maxiter
     _check_common(b, tol, None, ridge, batch_dims)

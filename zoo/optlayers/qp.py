@@ -209,8 +209,10 @@ def _validate_and_batch(
             )
         if value is not None and not value.is_floating_point():
             raise TypeError(f"QP argument {name} must be floating point, got dtype {value.dtype}.")
+
     if (tensors["A"] is None) != (tensors["b"] is None):
         raise ValueError("Pass A and b together (equality constraints Ax = b), or neither.")
+
     batch_sizes = set()
     for name, value in tensors.items():
         if value is None:
@@ -227,12 +229,14 @@ def _validate_and_batch(
         raise ValueError(f"QP arguments have different batch sizes {sorted(batch_sizes)}.")
     batched = bool(batch_sizes)
     batch = batch_sizes.pop() if batched else 1
+
     n = tensors["q"].shape[-1]
     m = tensors["h"].shape[-1]
     if m < 1:
         raise ValueError("The QP layer needs at least one inequality row in G and h.")
     p = 0 if tensors["b"] is None else tensors["b"].shape[-1]
     expected = {"Q": (n, n), "q": (n,), "G": (m, n), "h": (m,), "A": (p, n), "b": (p,)}
+
     out: dict[str, torch.Tensor] = {}
     reference = tensors["q"]
     for name, value in tensors.items():
@@ -254,7 +258,7 @@ class QPLayer(torch.nn.Module):
 
     Each argument may carry a leading batch dimension or none (then it is shared by the
     batch). Solving and differentiating run in float64; the output has the dtype of ``q``.
-    After each call, :attr:`last_solution` holds the per-element diagnostics. Elements that
+    After each call, :attr:`last_solution` contains the per-element diagnostics. Elements that
     did not converge (an infeasible problem, for example) are reported by index: a warning
     when ``on_failure="warn"``, which leaves their (meaningless) iterate in the output so the
     caller can mask them, or a ``RuntimeError`` when ``on_failure="raise"``.
