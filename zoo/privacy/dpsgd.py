@@ -41,7 +41,7 @@ from opacus.optimizers import DPOptimizer, get_optimizer_class
 
 from zoo.privacy import accounting
 from zoo.privacy.compatibility import make_trainable_with_dp
-from zoo.privacy.loader import PoissonTrainLoader, poisson_loader, sampling_generator
+from zoo.privacy.loader import PoissonTrainLoader, sampling_generator
 
 logger = logging.getLogger(__name__)
 
@@ -332,9 +332,18 @@ class DPSGD(Callback):
         trainer.strategy.optimizers = [self.optimizer]
 
         seed = torch.initial_seed() if self.seed is None else self.seed
-        generator = sampling_generator(seed, trainer.global_rank, self.steps)
-        loader = poisson_loader(base_loader, self.sample_rate, generator, distributed)
-        self.train_loader = PoissonTrainLoader(loader, self.optimizer, self.max_physical_batch_size)
+        # The same generator in every process: all draw one global Poisson mask, which keeps
+        # their physical batch counts equal (see DistributedPoissonBatchSampler).
+        seed = int(trainer.strategy.broadcast(seed, src=0))
+        self.train_loader = PoissonTrainLoader(
+            base_loader,
+            self.sample_rate,
+            self.optimizer,
+            sampling_generator(seed, self.steps),
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            max_physical_batch_size=self.max_physical_batch_size,
+        )
         self._data_source = source
         self._original_data_instance = source.instance
         source.instance = self.train_loader
@@ -345,7 +354,7 @@ class DPSGD(Callback):
             f"DP-SGD: noise_multiplier={self.noise_multiplier:.4g}, "
             f"max_grad_norm={self.max_grad_norm:g}, sample_rate={self.sample_rate:.4g} "
             f"(expected batch {int(dataset_size * self.sample_rate)} of {dataset_size}), "
-            f"{len(loader)} steps per epoch, grad_sample_mode={self.grad_sample_mode}, "
+            f"{self.train_loader.steps_per_epoch} steps per epoch, grad_sample_mode={self.grad_sample_mode}, "
             f"accountant={self.accountant_name}, delta={self.target_delta:g}, "
             f"epsilon so far={self.epsilon():.3f}"
             + ("" if remaining is None else f", private steps left in budget={remaining}")
@@ -395,6 +404,8 @@ class DPSGD(Callback):
             f"DP-SGD: epoch {trainer.current_epoch} done, epsilon={epsilon:.3f} at "
             f"delta={self.target_delta:g} after {self.steps} private steps"
         )
+        if trainer.world_size > 1:
+            _check_replicas_agree(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove hooks and wrappers so the module and trainer can be used without DP again."""
@@ -497,6 +508,9 @@ class DPSGD(Callback):
 
         strategy.configure_ddp = types.MethodType(configure_ddp, strategy)
         self._patched_strategy = strategy
+        rank_zero_info(
+            "DP-SGD: DDP runs through Opacus' DifferentiallyPrivateDistributedDataParallel"
+        )
 
     def _load_pretrained_history(self, pl_module: pl.LightningModule) -> None:
         if not self.continue_pretrained_accounting or self.prior_history:
@@ -522,6 +536,21 @@ class DPSGD(Callback):
                 f"{self.target_delta:g} reached after {self.steps} private steps "
                 f"(epsilon={self.epsilon():.3f}); stopping training."
             )
+
+
+def _check_replicas_agree(pl_module: pl.LightningModule) -> None:
+    """Raise if the processes' parameters differ, which would mean the gradients were not shared."""
+    flat = torch.cat(
+        [parameter.detach().flatten().double() for parameter in pl_module.parameters()]
+    )
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+    fingerprint = torch.stack([flat.sum(), (flat * flat).sum(), (flat * weights).sum()])
+    gathered = pl_module.all_gather(fingerprint)
+    if not torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=1e-9, atol=1e-9):
+        raise RuntimeError(
+            "DP-SGD: the model replicas of the DDP processes diverged (parameter fingerprints "
+            f"{gathered.tolist()}); the private gradient was not shared across processes."
+        )
 
 
 def _max_epochs(trainer: pl.Trainer) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,37 +12,93 @@ import torch
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import wrap_data_loader
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 logger = logging.getLogger(__name__)
 
 
-def sampling_generator(seed: int, rank: int, steps_done: int) -> torch.Generator:
-    """Return a generator for Poisson sampling that differs per process and per resume point.
+def sampling_generator(seed: int, steps_done: int) -> torch.Generator:
+    """Return the generator of the Poisson sampling for a run that resumes after ``steps_done``.
 
-    Each process draws its own inclusion decisions, and a run resumed after ``steps_done``
-    steps draws fresh ones instead of replaying the masks of its first steps, because the
-    accounting assumes independent sampling in every step.
+    A resumed run draws fresh inclusion decisions instead of replaying the masks of its first
+    steps, because the accounting assumes independent sampling in every step. Under DDP all
+    processes use the same generator, so they draw the same global mask.
     """
-    state = np.random.SeedSequence([seed, rank, steps_done]).generate_state(2, dtype=np.uint32)
+    state = np.random.SeedSequence([seed, steps_done]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def poisson_loader(
-    base: DataLoader,
-    sample_rate: float,
-    generator: torch.Generator,
-    distributed: bool,
-) -> DPDataLoader:
-    """Return an Opacus ``DPDataLoader`` over ``base.dataset`` with Poisson rate ``sample_rate``.
+class DistributedPoissonBatchSampler(Sampler[list[int]]):
+    """Poisson batches for DDP processes that agree on the number of physical batches.
 
-    Only the dataset, collate function and worker settings of ``base`` carry over: its
-    sampler is dropped, because Poisson sampling must replace any sampler (weighted, shuffled
-    or distributed) for the accounting to hold.
+    Every process draws the same global Poisson mask over the whole dataset (each example
+    enters the logical batch independently with probability ``sample_rate``) and keeps the
+    chosen indices ``i`` with ``i % world_size == rank``. Because each process knows the
+    share of every other one, all of them split a logical batch into the same number of
+    physical batches, the largest ``ceil(share / max_batch_size)`` over the processes. This
+    matters because Lightning 2.6 runs a collective operation before every training batch,
+    so processes with different batch counts would deadlock. Opacus'
+    ``DistributedUniformWithReplacementSampler`` and ``BatchSplittingSampler`` split per
+    process, so their counts differ.
 
-    Raises:
-        TypeError: if ``base`` is not a ``DataLoader`` over a map-style dataset.
+    Each physical batch but the last of a logical batch signals the optimizer to skip the
+    step and only accumulate clipped gradients, as ``BatchSplittingSampler`` does.
+
+    Args:
+        num_samples: Dataset size.
+        sample_rate: Inclusion probability of each example in each logical batch.
+        steps: Logical batches per epoch.
+        rank: This process' rank.
+        world_size: Number of processes.
+        generator: Generator seeded identically in every process.
+        optimizer: The DP optimizer that receives the skip signals.
+        max_batch_size: Largest physical batch, or ``None`` for one physical batch per step.
     """
+
+    def __init__(
+        self,
+        num_samples: int,
+        sample_rate: float,
+        steps: int,
+        rank: int,
+        world_size: int,
+        generator: torch.Generator,
+        optimizer: DPOptimizer,
+        max_batch_size: int | None = None,
+    ) -> None:
+        self.num_samples = num_samples
+        self.sample_rate = sample_rate
+        self.steps = steps
+        self.rank = rank
+        self.world_size = world_size
+        self.generator = generator
+        self.optimizer = optimizer
+        self.max_batch_size = max_batch_size
+        owner = torch.arange(num_samples) % world_size
+        self._owner = owner
+
+    def __len__(self) -> int:
+        if self.max_batch_size is not None:
+            raise TypeError("The number of physical batches per epoch is random.")
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            chosen = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            shares = torch.bincount(self._owner[chosen], minlength=self.world_size)
+            mine = torch.nonzero(chosen & (self._owner == self.rank)).flatten()
+            chunks = 1
+            if self.max_batch_size is not None:
+                chunks = max(1, math.ceil(int(shares.max()) / self.max_batch_size))
+            pieces = torch.tensor_split(mine, chunks)
+            for piece in pieces[:-1]:
+                self.optimizer.signal_skip_step(do_skip=True)
+                yield piece.tolist()
+            self.optimizer.signal_skip_step(do_skip=False)
+            yield pieces[-1].tolist()
+
+
+def _check_base_loader(base: DataLoader) -> None:
     if not isinstance(base, DataLoader):
         raise TypeError(
             f"DP-SGD needs the training data as a torch DataLoader, got {type(base).__name__}. "
@@ -52,63 +109,103 @@ def poisson_loader(
             "DP-SGD needs a map-style training dataset for Poisson sampling, got the "
             f"IterableDataset {type(base.dataset).__name__}."
         )
-    if base.sampler is not None and type(base.sampler).__name__ not in (
-        "RandomSampler",
-        "SequentialSampler",
-    ):
+    sampler_name = type(base.sampler).__name__
+    if sampler_name not in ("RandomSampler", "SequentialSampler"):
         logger.info(
-            "DP-SGD: the training sampler %s is replaced by Poisson sampling.",
-            type(base.sampler).__name__,
+            "DP-SGD: the training sampler %s is replaced by Poisson sampling.", sampler_name
         )
-    return DPDataLoader(
-        dataset=base.dataset,
-        sample_rate=sample_rate,
-        collate_fn=base.collate_fn,
-        num_workers=base.num_workers,
-        pin_memory=base.pin_memory,
-        timeout=base.timeout,
-        worker_init_fn=base.worker_init_fn,
-        multiprocessing_context=base.multiprocessing_context,
-        generator=generator,
-        prefetch_factor=base.prefetch_factor,
-        persistent_workers=base.persistent_workers,
-        distributed=distributed,
-    )
+
+
+def _loader_options(base: DataLoader) -> dict[str, Any]:
+    return {
+        "num_workers": base.num_workers,
+        "pin_memory": base.pin_memory,
+        "timeout": base.timeout,
+        "worker_init_fn": base.worker_init_fn,
+        "multiprocessing_context": base.multiprocessing_context,
+        "prefetch_factor": base.prefetch_factor,
+        "persistent_workers": base.persistent_workers,
+    }
 
 
 class PoissonTrainLoader:
-    """Training batches for one DP-SGD run: Poisson-sampled, optionally split into physical batches.
+    """Training batches of one DP-SGD run: Poisson-sampled, optionally split into physical batches.
+
+    Only the dataset, collate function and worker settings of the model's own training loader
+    carry over. Its sampler is dropped, because Poisson sampling must replace any sampler
+    (weighted, shuffled or distributed) for the accounting to hold.
+
+    In one process the batches come from Opacus' ``DPDataLoader``; with
+    ``max_physical_batch_size`` they are split by Opacus' ``BatchSplittingSampler`` (the
+    sampler behind ``BatchMemoryManager``). Under DDP they come from
+    :class:`DistributedPoissonBatchSampler` with Opacus' empty-batch collate function.
 
     Lightning re-creates plain ``DataLoader`` objects to insert its own samplers, which would
     undo Poisson sampling, so this wrapper is deliberately not a ``DataLoader`` subclass.
-
-    With ``max_physical_batch_size`` set, every logical (Poisson) batch is split into chunks
-    by Opacus' ``BatchSplittingSampler`` (the sampler behind ``BatchMemoryManager``), which
-    signals the optimizer to accumulate all but the last chunk. The number of chunks per epoch
-    is then random, so ``len()`` raises ``TypeError`` and Lightning runs each epoch until the
-    data ends.
+    With physical batches the number of batches per epoch is random, so ``len()`` raises
+    ``TypeError`` and Lightning runs each epoch until the data ends.
 
     Args:
-        loader: The Poisson-sampled loader.
+        base: The model's own training loader.
+        sample_rate: Inclusion probability of each example in each logical batch.
         optimizer: The DP optimizer that consumes the batches.
-        max_physical_batch_size: Largest chunk to put through the model at once, or ``None``.
+        generator: Generator of the sampling (seeded identically in every DDP process).
+        rank: This process' rank.
+        world_size: Number of processes.
+        max_physical_batch_size: Largest batch to put through the model at once, or ``None``.
+
+    Raises:
+        TypeError: if ``base`` is not a ``DataLoader`` over a map-style dataset.
     """
 
     def __init__(
         self,
-        loader: DPDataLoader,
+        base: DataLoader,
+        sample_rate: float,
         optimizer: DPOptimizer,
+        generator: torch.Generator,
+        rank: int = 0,
+        world_size: int = 1,
         max_physical_batch_size: int | None = None,
     ) -> None:
-        self.poisson_loader = loader
+        _check_base_loader(base)
+        self.sample_rate = sample_rate
         self.optimizer = optimizer
         self.max_physical_batch_size = max_physical_batch_size
-        if max_physical_batch_size is None:
-            self.loader: DataLoader = loader
-        else:
-            self.loader = wrap_data_loader(
-                data_loader=loader, max_batch_size=max_physical_batch_size, optimizer=optimizer
+        self.poisson_loader = DPDataLoader(
+            dataset=base.dataset,
+            sample_rate=sample_rate,
+            collate_fn=base.collate_fn,
+            generator=generator,
+            **_loader_options(base),
+        )
+        if world_size > 1:
+            self.batch_sampler: Sampler = DistributedPoissonBatchSampler(
+                num_samples=len(base.dataset),
+                sample_rate=sample_rate,
+                steps=len(self.poisson_loader),
+                rank=rank,
+                world_size=world_size,
+                generator=generator,
+                optimizer=optimizer,
+                max_batch_size=max_physical_batch_size,
             )
+            self.loader = DataLoader(
+                base.dataset,
+                batch_sampler=self.batch_sampler,
+                collate_fn=self.poisson_loader.collate_fn,
+                **_loader_options(base),
+            )
+        elif max_physical_batch_size is not None:
+            self.loader = wrap_data_loader(
+                data_loader=self.poisson_loader,
+                max_batch_size=max_physical_batch_size,
+                optimizer=optimizer,
+            )
+            self.batch_sampler = self.loader.batch_sampler
+        else:
+            self.loader = self.poisson_loader
+            self.batch_sampler = self.loader.batch_sampler
 
     @property
     def dataset(self) -> Any:
@@ -116,14 +213,14 @@ class PoissonTrainLoader:
         return self.poisson_loader.dataset
 
     @property
-    def sample_rate(self) -> float:
-        """Probability that a given example is in a given logical batch."""
-        return self.poisson_loader.sample_rate
+    def steps_per_epoch(self) -> int:
+        """Logical batches (private steps) per epoch."""
+        return len(self.poisson_loader)
 
     def __len__(self) -> int:
         if self.max_physical_batch_size is not None:
             raise TypeError("The number of physical batches per epoch is random.")
-        return len(self.poisson_loader)
+        return self.steps_per_epoch
 
     def __iter__(self) -> Iterator[Any]:
         # A new pass starts: forget skip signals and partial sums that an epoch cut short
