@@ -62,7 +62,10 @@ def fit_newton(
     result carries no graph.
     """
     log_reg = log_reg.detach()
-    weights = torch.zeros(design.shape[1], dtype=design.dtype) if init is None else init.detach()
+    if init is None:
+        weights = torch.zeros(design.shape[1], dtype=design.dtype, device=design.device)
+    else:
+        weights = init.detach()
     value = logistic_objective(weights, log_reg, design, labels)
     for _ in range(maxiter):
         gradient, hessian = _gradient_and_hessian(weights, log_reg, design, labels)
