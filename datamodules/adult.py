@@ -127,6 +127,26 @@ def _numeric_to_float(raw: np.ndarray) -> np.ndarray:
     return out
 
 
+class FullBatchTensorDataset(TensorDataset):
+    """A TensorDataset that a DataLoader reads a whole batch from with one indexing call.
+
+    PyTorch's map-style fetcher calls ``__getitems__`` with the batch's index list when a
+    dataset defines it. Returning the batch as a single item, unwrapped again by
+    :func:`first_item`, replaces ``batch_size`` single-record lookups and a ``stack``.
+    Sampler replacement (for example Lightning's ``DistributedSampler``) is unaffected,
+    because only the index list changes.
+    """
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, ...]]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return [tuple(tensor[index] for tensor in self.tensors)]
+
+
+def first_item(batch: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """Return the one item that :meth:`FullBatchTensorDataset.__getitems__` put in a list."""
+    return batch[0]
+
+
 def _check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}.")
@@ -295,7 +315,12 @@ class AdultDataModule(pl.LightningDataModule):
     def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
         assert dataset is not None, "setup() builds every split"
         if self.full_batch:
-            return DataLoader(dataset, batch_size=max(len(dataset), 1), shuffle=False)
+            return DataLoader(
+                FullBatchTensorDataset(*dataset.tensors),
+                batch_size=max(len(dataset), 1),
+                shuffle=False,
+                collate_fn=first_item,
+            )
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             dataset,

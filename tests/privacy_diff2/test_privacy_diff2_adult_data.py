@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader, DistributedSampler
 from zoo.datamodules.adult import AdultDataModule, read_adult_file
 
 TRAIN_LINES = [
@@ -116,3 +117,24 @@ def test_full_batch_trims_to_world_size(shared_data: Path) -> None:
     module.setup()
     assert len(module.train_set) % 4 == 0
     assert 32561 - 3256 - len(module.train_set) < 4
+
+
+def test_full_batch_shards_are_disjoint(shared_data: Path) -> None:
+    module = AdultDataModule(data_dir=str(shared_data), batch_size=-1)
+    module.trainer = SimpleNamespace(world_size=2)
+    module.setup()
+    loader = module.train_dataloader()
+    features, labels = module.train_tensors()
+    for rank in range(2):
+        # Lightning rebuilds the loader like this when it inserts its distributed sampler.
+        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=False)
+        sharded = DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=sampler,
+            collate_fn=loader.collate_fn,
+        )
+        batches = list(sharded)
+        assert len(batches) == 1
+        assert torch.equal(batches[0][0], features[rank::2])
+        assert torch.equal(batches[0][1], labels[rank::2])
