@@ -17,7 +17,7 @@ smoothness constant ``L``. The iterates are already private, so this clip radius
 nothing, and it shrinks as the iterates settle, which is where DIFF2 saves noise over
 DP-GD. With ``T = 1`` every round is a restart round and DIFF2-GD is DP-GD.
 
-The code here is plain PyTorch and runs without Lightning. :class:`Diff2` holds one
+The code here is plain PyTorch and runs without Lightning. :class:`Diff2` is one
 process's state. :meth:`Diff2.worker_message` is the worker's half of a round and
 :meth:`Diff2.server_update` the server's half, so the same code runs in the Lightning
 module (one worker per DDP process, messages summed with ``all_reduce``) and in
@@ -561,7 +561,7 @@ def simulate_diff2(
     of the Lightning module does, so both give the same iterates for the same shards.
 
     Args:
-        algorithm: The state to advance; its model holds the starting point.
+        algorithm: The state to advance; its model's parameters are the starting point.
         shards: ``(inputs, targets)`` of each worker, in rank order.
         rounds: Number of rounds to run.
         noise_seed: Base seed of the workers' noise.

@@ -1,8 +1,8 @@
 """Privacy accounting of DIFF2-GD with Opacus' Rényi-DP accountant.
 
-Every round of DIFF2-GD is a Gaussian mechanism on the full data (sampling rate 1): a
-record changes a worker's message sum by at most the clip radius ``C`` (add/remove-one
-adjacency, the convention of Opacus), and the noise std is ``sigma * C``. A run of
+Every round of DIFF2-GD is a Gaussian mechanism on the full data (sampling rate 1). Under
+add/remove-one adjacency, the convention of Opacus, a record changes a worker's message
+sum by at most the clip radius ``C``, and the noise std is ``sigma * C``. A run of
 ``R`` rounds with restart interval ``T`` composes ``ceil(R / T)`` restart rounds with
 multiplier ``sigma1`` and ``R - ceil(R / T)`` difference rounds with multiplier ``sigma2``.
 Opacus' :class:`~opacus.accountants.RDPAccountant` composes them and converts the Rényi-DP
@@ -15,6 +15,7 @@ its own and the server need not be trusted.
 from __future__ import annotations
 
 import math
+import warnings
 
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import get_privacy_spent
@@ -79,7 +80,10 @@ def diff2_epsilon(
 def _epsilon_of_rho(rho: float, delta: float) -> float:
     # A composition of Gaussian mechanisms has Rényi-DP rho * alpha at every order alpha.
     orders = RDPAccountant.DEFAULT_ALPHAS
-    epsilon, _ = get_privacy_spent(orders=orders, rdp=[rho * a for a in orders], delta=delta)
+    with warnings.catch_warnings():
+        # Bisection probes tiny rho, where Opacus warns that the largest order is optimal.
+        warnings.simplefilter("ignore", UserWarning)
+        epsilon, _ = get_privacy_spent(orders=orders, rdp=[rho * a for a in orders], delta=delta)
     return float(epsilon)
 
 

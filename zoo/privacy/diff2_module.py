@@ -1,6 +1,6 @@
 """Lightning module that trains a binary classifier with DIFF2-GD, one worker per process.
 
-Each DDP process is one DIFF2 worker that holds its own shard of the training data (the
+Each DDP process is one DIFF2 worker with its own shard of the training data (the
 shard that Lightning's ``DistributedSampler`` gives it from a full-batch loader). In every
 round each worker computes its privatised message, the processes sum the messages with
 ``torch.distributed.all_reduce`` (gloo on CPU, NCCL on GPU), and every process applies the
@@ -78,8 +78,8 @@ class Diff2Classifier(pl.LightningModule):
 
     Privacy: with ``target_epsilon`` set, the noise multipliers are calibrated so that
     ``rounds`` rounds spend exactly ``(target_epsilon, delta)`` under add/remove-one
-    adjacency (see :mod:`zoo.privacy.diff2_accounting`); otherwise both multipliers must be
-    given. The spent epsilon is logged as ``privacy/epsilon`` after every round.
+    adjacency, as :mod:`zoo.privacy.diff2_accounting` explains. Without it, both
+    multipliers must be given. The spent epsilon is logged as ``privacy/epsilon`` after every round.
 
     NOTE: the noise comes from ``torch.Generator`` (Mersenne Twister), which is not a
     cryptographically secure generator, and a fixed ``noise_seed`` makes the noise
@@ -165,7 +165,8 @@ class Diff2Classifier(pl.LightningModule):
     def _noise_multipliers(self) -> tuple[float, float]:
         hp = self.hparams
         if hp.target_epsilon is not None:
-            if hp.noise_multiplier_restart is not None or hp.noise_multiplier_difference:
+            given = (hp.noise_multiplier_restart, hp.noise_multiplier_difference)
+            if any(value is not None for value in given):
                 raise ValueError(
                     "Give either target_epsilon or the noise multipliers, not both; got "
                     f"target_epsilon={hp.target_epsilon}, noise_multiplier_restart="
@@ -232,7 +233,7 @@ class Diff2Classifier(pl.LightningModule):
             )
 
     def on_train_start(self) -> None:
-        """Check that each step sees the process's whole shard, and seed the noise."""
+        """Check that each step receives the process's whole shard, and seed the noise."""
         batches = self.trainer.num_training_batches
         if batches != 1:
             raise ValueError(
