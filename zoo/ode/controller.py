@@ -94,6 +94,15 @@ class PIController:
         """Return ``alpha``, the exponent of the current error."""
         return 1.0 / (error_order + 1) - 0.75 * self.beta
 
+    def propose_accepted(
+        self, h: np.ndarray, error: np.ndarray, previous_error: np.ndarray, error_order: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Compute :meth:`propose` for the common case of no rejection in this or the last step."""
+        growth = np.maximum(error, 1e-10) ** -self.exponent(error_order)
+        factor = self.safety * growth * previous_error**self.beta
+        factor = np.minimum(np.maximum(factor, self.min_factor), self.max_factor)
+        return h * factor, np.maximum(error, 1e-4)
+
     def propose(
         self,
         h: np.ndarray,

@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 # A step below this many units of roundoff of the largest time cannot advance the clock.
 _UNDERFLOW_ULPS = 8.0
 
+# Reduction of a bool array, without the Python-level wrapper of ndarray.any.
+_any = np.logical_or.reduce
+
 
 class _FlatField:
     """Call a user vector field on flat ``[batch, n]`` states and count the calls."""
@@ -164,6 +167,7 @@ def integrate_adaptive(
     func: Callable[[Tensor, Tensor], Tensor],
     y0: Tensor,
     times: Tensor,
+    output_times: np.ndarray,
     *,
     tableau: ExplicitRKTableau,
     coefficients: TableauTensors,
@@ -174,14 +178,16 @@ def integrate_adaptive(
     per_sample_steps: bool,
     controller: PIController,
 ) -> ODESolution:
-    """Integrate with validated arguments; see :func:`zoo.ode.solver.solve_ivp`."""
+    """Integrate with validated arguments; see :func:`zoo.ode.solver.solve_ivp`.
+
+    ``output_times`` is ``times`` as a float64 NumPy array.
+    """
     shape = y0.shape
     field = _FlatField(func, shape, per_sample_steps)
     to_device = _HostToDevice(y0.dtype, y0.device)
     y = y0.reshape(field.flat_shape)
     batch, n = y.shape
     m = batch if per_sample_steps else 1
-    output_times = times.detach().cpu().double().numpy()
     t_start, t_end = float(output_times[0]), float(output_times[-1])
     underflow_h = _UNDERFLOW_ULPS * torch.finfo(y.dtype).eps * max(abs(t_start), abs(t_end))
     error_order = tableau.error_order
@@ -218,12 +224,17 @@ def integrate_adaptive(
         h = np.full(m, first_step)
     h = np.minimum(h, t_end - t_start)
 
-    t_now = np.full(m, t_start)
+    # The clock stores each sample's remaining time t_end - t, so a step of exactly the
+    # remaining time ends at 0 without rounding. A finished sample has h = inf.
+    remaining = np.full(m, t_end - t_start)
+    active = remaining > 0
     previous_rejected = np.zeros(m, dtype=bool)
+    any_previous_rejected = False
     previous_error = np.ones(m)
-    # Output times, padded with +inf so that a finished sample never crosses another one.
-    padded_times = np.append(output_times, np.inf)
+    # Remaining time at each clock's next output time, -inf once all outputs are written.
+    remaining_at_output = np.append(t_end - output_times, -np.inf)
     next_output = np.ones(m, dtype=np.int64)
+    next_remaining = remaining_at_output[next_output]
     output_rows = [np.arange(batch)]
     output_values = [y]
 
@@ -234,26 +245,22 @@ def integrate_adaptive(
     rows_error, rows_stiffness, rows_h, rows_accepted, rows_rejected = [], [], [], [], []
     n_iterations = 0
     while True:
-        remaining = t_end - t_now
-        active = remaining > 0
-        if not active.any():
-            break
         if n_iterations >= max_steps:
             raise MaxStepsExceededError(
                 f"max_steps={max_steps} attempted steps did not reach t={t_end}: the slowest "
-                f"sample stopped at t={t_now.min():.6g} after {len(rows_error)} "
+                f"sample stopped at t={t_end - remaining.max():.6g} after {len(rows_error)} "
                 f"accepted-step iterations. Raise max_steps, loosen rtol={rtol:g} / "
                 f"atol={atol:g}, or check whether the dynamics are stiff (an explicit method "
                 "needs many small steps there)."
             )
         n_iterations += 1
 
-        # A finished sample sits at t_end exactly, so its step is 0 and its state stays put.
+        # A finished sample has no time left, so its step is 0 and its state stays put.
         h_step = np.minimum(h, remaining)
         # Stage times, h, h / sqrt(n) and 1 / h go to the device in one transfer. 1 / h only
         # scales stiffness estimates that are zero where h is 0, so the floor just keeps it finite.
         np.multiply(stage_fractions, h_step, out=host_values[:n_stages])
-        host_values[:n_stages] += t_now
+        host_values[:n_stages] += t_end - remaining
         host_values[n_stages] = h_step
         np.multiply(h_step, inverse_sqrt_n, out=host_values[n_stages + 1])
         np.divide(1.0, np.maximum(h_step, 1e-30), out=host_values[n_stages + 2])
@@ -273,14 +280,22 @@ def integrate_adaptive(
             atol_tensor,
         )
 
-        error_host = reduce(error_norm.detach()).cpu().numpy().astype(np.float64)
+        error_host = error_norm.detach().cpu().numpy().astype(np.float64)
+        if not per_sample_steps:
+            error_host = np.sqrt(np.dot(error_host, error_host) / batch).reshape(1)
         accepted = (error_host <= 1.0) & active
-        rejected = active & ~accepted
-        h_next, previous_error = controller.propose(
-            h_step, error_host, previous_error, accepted, previous_rejected, error_order
-        )
+        rejected = active > accepted
+        any_accepted = _any(accepted)
+        any_rejected = _any(rejected)
+        if any_rejected or any_previous_rejected:
+            h_next, previous_error = controller.propose(
+                h_step, error_host, previous_error, accepted, previous_rejected, error_order
+            )
+        else:
+            h_next, previous_error = controller.propose_accepted(
+                h_step, error_host, previous_error, error_order
+            )
 
-        any_accepted = bool(accepted.any())
         rows_rejected.append(rejected)
         if any_accepted:
             rows_error.append(error_norm)
@@ -288,7 +303,7 @@ def integrate_adaptive(
             rows_h.append(h_step)
             rows_accepted.append(accepted)
         y_old = y
-        if not rejected.any():
+        if not any_rejected:
             # Finished samples took a step of size 0, so y_new equals y for them.
             y, abs_y, k_first = y_new, abs_y_new, stages[-1]
         elif any_accepted:
@@ -299,15 +314,16 @@ def integrate_adaptive(
         # With no sample accepted, y and k_first keep their old graph, which drops the
         # attempt, so NaN or infinite stages of a rejected step cannot reach the gradients.
 
-        t_old = t_now
-        t_now = np.where(h >= remaining, t_end, np.minimum(t_now + h_step, t_end))
-        t_now = np.where(accepted, t_now, t_old)
-        h = h_next
+        remaining_old = remaining
+        remaining = np.where(accepted, remaining - h_step, remaining)
+        active = remaining > 0
+        h = np.where(active, h_next, np.inf)
         previous_rejected = rejected
+        any_previous_rejected = any_rejected
 
-        crossing = accepted & (padded_times[next_output] <= t_now)
-        while crossing.any():
-            theta = np.where(crossing, (padded_times[next_output] - t_old) / h_step, 0.0)
+        crossing = accepted & (remaining <= next_remaining)
+        while _any(crossing):
+            theta = np.where(crossing, (remaining_old - next_remaining) / h_step, 0.0)
             values = _interpolate(
                 y_old,
                 stages,
@@ -319,11 +335,15 @@ def integrate_adaptive(
             output_rows.append(to_batch(next_output)[selected] * batch + selected)
             output_values.append(values[torch.from_numpy(selected).to(y.device)])
             next_output = next_output + crossing
-            crossing = accepted & (padded_times[next_output] <= t_now)
+            next_remaining = remaining_at_output[next_output]
+            crossing = accepted & (remaining <= next_remaining)
 
-        underflow = (t_now < t_end) & (h < underflow_h)
-        if underflow.any():
+        if np.minimum.reduce(h) < underflow_h:
+            underflow = h < underflow_h
+            t_now = t_end - remaining
             _raise_underflow(underflow, t_now, h, error_host, n_iterations, rtol, atol)
+        if not _any(active):
+            break
 
     ys = _assemble_outputs(output_rows, output_values, len(output_times), batch, n)
     stats = _collect_stats(

@@ -9,9 +9,9 @@ built from them (ERNODE, SRNODE) is differentiated by backpropagation through th
 
 With ``per_sample_steps=True`` dimension 0 of the state is a batch of independent problems.
 Every sample then has its own time, step size and accept/reject decision. The samples advance
-in lock-step through one batched call of ``func`` per stage, and a sample that has reached the
-end time or rejected its step keeps its state, so one hard sample does not force small steps
-on the others. ``func`` receives ``t`` as a ``[batch]`` tensor in that mode and as a 0-d tensor
+in lock-step through one batched call of ``func`` per stage. A sample that has reached the end
+time or rejected its step keeps its state, so one hard sample does not force small steps on
+the others. ``func`` receives ``t`` as a ``[batch]`` tensor in that mode and as a 0-d tensor
 when the batch shares one step size.
 """
 
@@ -21,6 +21,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -66,7 +67,7 @@ def _check_inputs(
     t: object,
     max_steps: object,
     per_sample_steps: object,
-) -> Tensor:
+) -> tuple[Tensor, np.ndarray]:
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}.")
     if not isinstance(y0, Tensor):
@@ -101,17 +102,20 @@ def _check_inputs(
         raise ValueError(
             f"t must be 1-D with at least 2 times (start and end), got shape {tuple(times.shape)}."
         )
-    if not bool(torch.isfinite(times).all()):
-        raise ValueError(f"t contains NaN or infinite values: {times.tolist()}.")
-    steps = times[1:] - times[:-1]
-    if not bool((steps > 0).all()):
-        position = int(torch.nonzero(steps <= 0)[0])
+    # Validate in y0's dtype, where distinct times could have rounded to the same value.
+    host_times = times.cpu().numpy().astype(np.float64)
+    if not np.isfinite(host_times).all():
+        raise ValueError(f"t contains NaN or infinite values: {host_times.tolist()}.")
+    steps = np.diff(host_times)
+    if not (steps > 0).all():
+        position = int(np.nonzero(steps <= 0)[0][0])
         raise ValueError(
-            f"t must be strictly increasing, but t[{position}]={times[position].item()} and "
-            f"t[{position + 1}]={times[position + 1].item()}; sort the output times and drop "
-            "duplicates (to integrate backwards, solve in s = -t with dy/ds = -func(-s, y))."
+            f"t must be strictly increasing, but t[{position}]={host_times[position]} and "
+            f"t[{position + 1}]={host_times[position + 1]} in {y0.dtype}; sort the output times "
+            "and drop duplicates (to integrate backwards, solve in s = -t with "
+            "dy/ds = -func(-s, y))."
         )
-    return times
+    return times, host_times
 
 
 def solve_ivp(
@@ -162,18 +166,18 @@ def solve_ivp(
         StepSizeUnderflowError: When the step size falls to the rounding level of ``t``.
         MaxStepsExceededError: When ``max_steps`` attempted steps do not reach ``t[-1]``.
     """
-    times = _check_inputs(func, y0, t, max_steps, per_sample_steps)
+    times, host_times = _check_inputs(func, y0, t, max_steps, per_sample_steps)
     tableau = get_tableau(method)
     rtol = _check_positive("rtol", rtol)
     atol = _check_positive("atol", atol)
     if first_step is not None:
         first_step = _check_positive("first_step", first_step)
-        if first_step > (times[-1] - times[0]).item():
-            first_step = (times[-1] - times[0]).item()
+        first_step = min(first_step, float(host_times[-1] - host_times[0]))
     return integrate_adaptive(
         func,
         y0,
         times,
+        host_times,
         tableau=tableau,
         coefficients=tableau_tensors(tableau.name, y0.dtype, y0.device),
         rtol=rtol,

@@ -35,7 +35,7 @@ class ExplicitRKTableau:
         a: Lower-triangular stage weights: row ``i`` has ``i`` entries (row 0 is empty).
         b: Weights of the propagated (higher-order) solution, length ``s``.
         b_error: ``b - b_hat``, the weights of the embedded local error estimate.
-        interpolation: ``[s, degree + 1]`` array. Row ``i`` holds the coefficients of
+        interpolation: ``[s, degree + 1]`` array. Row ``i`` contains the coefficients of
             ``theta**0 .. theta**degree`` of the dense-output weight ``b_i(theta)``, so that
             ``y(t + theta*h) = y + h * sum_i b_i(theta) * k_i`` for ``theta`` in ``[0, 1]``.
         order: Order of the propagated solution.
@@ -178,7 +178,7 @@ TSIT5 = ExplicitRKTableau(
     interpolation=_tsit5_interpolation(),
     order=5,
     error_order=4,
-    # Real stability boundary, the value OrdinaryDiffEq.jl uses for Tsit5 (numerically 3.50692).
+    # Left end of the real stability interval; the boundary computed from the tableau is 3.50692.
     stability_region_size=3.5068,
 )
 
@@ -209,7 +209,7 @@ DOPRI5 = ExplicitRKTableau(
     interpolation=_dopri5_interpolation(_DOPRI5_B),
     order=5,
     error_order=4,
-    # Real stability boundary, the value OrdinaryDiffEq.jl uses for DP5 (numerically 3.30665).
+    # Left end of the real stability interval; the boundary computed from the tableau is 3.30665.
     stability_region_size=3.3066,
 )
 
