@@ -43,7 +43,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
     dist.destroy_process_group()
 
 
-def test_infeasible_element_on_one_rank_does_not_stall_ddp():
+def test_convex_layer_failure_under_ddp():
     port = _free_loopback_port()
     with mp.Manager() as manager:
         results = manager.dict()
