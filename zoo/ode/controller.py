@@ -16,21 +16,17 @@ import torch
 from torch import Tensor
 
 
-def rms_norm(x: Tensor) -> Tensor:
-    """Root mean square over every dimension but the first: ``[batch, n] -> [batch]``."""
-    return torch.linalg.vector_norm(x, dim=1) * (x.shape[1] ** -0.5)
-
-
 def initial_step_size(
     func: Callable[[Tensor, Tensor], Tensor],
-    t0: Tensor,
+    t0: float,
     y0: Tensor,
     f0: Tensor,
     rtol: float,
     atol: float,
     error_order: int,
-    reduce: Callable[[Tensor], Tensor],
-) -> Tensor:
+    reduce: Callable[[np.ndarray], np.ndarray],
+    to_tensor: Callable[[np.ndarray], Tensor],
+) -> np.ndarray:
     """Pick the first step size by the algorithm of Hairer, Norsett and Wanner (1993), II.4.
 
     The step is sized so that an explicit Euler step changes the scaled state by about one
@@ -38,33 +34,42 @@ def initial_step_size(
     extra evaluation of ``func`` is made.
 
     Args:
-        func: Vector field on flat states, called as ``func(t, y)`` with ``y`` ``[batch, n]``.
-        t0: Start times, ``[m]`` with ``m`` equal to the batch size or 1 for a shared step.
+        func: Vector field on flat states, called as ``func(t, y)`` with ``y`` ``[batch, n]``
+            and ``t`` ``[m]``, where ``m`` is the batch size or 1 for a shared step.
+        t0: Start time.
         y0: Initial states, ``[batch, n]``.
         f0: ``func(t0, y0)``.
         rtol: Relative tolerance.
         atol: Absolute tolerance.
         error_order: Order of the embedded error estimate (4 for the 5(4) pairs).
-        reduce: Maps per-sample norms ``[batch]`` to the controller's shape ``[m]``.
+        reduce: Maps per-sample RMS norms ``[batch]`` to the controller's shape ``[m]``.
+        to_tensor: Copies a float64 array to a tensor of the solve's dtype and device.
 
     Returns:
-        Step sizes ``[m]``, detached.
+        Step sizes ``[m]``, float64.
     """
+    inverse_sqrt_n = y0.shape[1] ** -0.5
+
+    def rms(x: Tensor) -> np.ndarray:
+        norms = torch.linalg.vector_norm(x, dim=1).cpu().numpy().astype(np.float64)
+        return reduce(norms * inverse_sqrt_n)
+
     with torch.no_grad():
-        scale = atol + rtol * y0.abs()
-        d0 = reduce(rms_norm(y0 / scale))
-        d1 = reduce(rms_norm(f0 / scale))
-        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
-        y1 = torch.addcmul(y0, f0, h0.unsqueeze(1))
-        f1 = func(t0 + h0, y1)
-        d2 = reduce(rms_norm((f1 - f0) / scale)) / h0
-        d_max = torch.maximum(d1, d2)
-        h1 = torch.where(
-            d_max <= 1e-15,
-            torch.clamp(h0 * 1e-3, min=1e-6),
-            (0.01 / d_max) ** (1.0 / (error_order + 1)),
-        )
-        return torch.minimum(100 * h0, h1)
+        scale = y0.abs().mul_(rtol).add_(atol)
+        d0 = rms(y0 / scale)
+        d1 = rms(f0 / scale)
+        tiny = np.finfo(np.float64).tiny
+        h0 = np.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / np.maximum(d1, tiny))
+        y1 = torch.addcmul(y0, f0, to_tensor(h0).unsqueeze(1))
+        f1 = func(to_tensor(t0 + h0), y1)
+        d2 = rms((f1 - f0) / scale) / h0
+    d_max = np.maximum(d1, d2)
+    h1 = np.where(
+        d_max <= 1e-15,
+        np.maximum(h0 * 1e-3, 1e-6),
+        (0.01 / np.maximum(d_max, tiny)) ** (1.0 / (error_order + 1)),
+    )
+    return np.minimum(100 * h0, h1)
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 # A step below this many units of roundoff of the largest time cannot advance the clock.
 _UNDERFLOW_ULPS = 8.0
 
-# Reduction of a bool array, without the Python-level wrapper of ndarray.any.
+# Reductions of bool arrays, without the Python-level wrappers of ndarray.any and .all.
 _any = np.logical_or.reduce
+_all = np.logical_and.reduce
 
 
 class _FlatField:
@@ -194,10 +195,11 @@ def integrate_adaptive(
     n_stages = tableau.n_stages
     stage_fractions = np.asarray(tableau.c)[:, None]
 
-    def reduce(norms: Tensor) -> Tensor:
+    def reduce(norms: np.ndarray) -> np.ndarray:
+        # A shared step is controlled by the RMS over the batch of the per-sample RMS norms.
         if per_sample_steps:
             return norms
-        return norms.square().mean().sqrt().unsqueeze(0)
+        return np.sqrt(np.dot(norms, norms) / batch).reshape(1)
 
     def to_batch(values: np.ndarray) -> np.ndarray:
         return values if per_sample_steps else np.broadcast_to(values, (batch,))
@@ -209,17 +211,17 @@ def integrate_adaptive(
             "vector field and the initial state."
         )
     if first_step is None:
-        h_first = initial_step_size(
+        h = initial_step_size(
             field,
-            y.new_full((m,), t_start),
+            t_start,
             y.detach(),
             k_first.detach(),
             rtol,
             atol,
             error_order,
             reduce,
+            to_device.floats,
         )
-        h = h_first.cpu().double().numpy()
     else:
         h = np.full(m, first_step)
     h = np.minimum(h, t_end - t_start)
@@ -280,9 +282,7 @@ def integrate_adaptive(
             atol_tensor,
         )
 
-        error_host = error_norm.detach().cpu().numpy().astype(np.float64)
-        if not per_sample_steps:
-            error_host = np.sqrt(np.dot(error_host, error_host) / batch).reshape(1)
+        error_host = reduce(error_norm.detach().cpu().numpy().astype(np.float64))
         accepted = (error_host <= 1.0) & active
         rejected = active > accepted
         any_accepted = _any(accepted)
@@ -323,14 +323,18 @@ def integrate_adaptive(
 
         crossing = accepted & (remaining <= next_remaining)
         while _any(crossing):
-            theta = np.where(crossing, (remaining_old - next_remaining) / h_step, 0.0)
-            values = _interpolate(
-                y_old,
-                stages,
-                h_tensor,
-                to_device.floats(np.clip(theta, 0.0, 1.0)),
-                coefficients.interpolation_t,
-            )
+            if _all(next_remaining[crossing] == remaining[crossing]):
+                # Every crossed output time is the end of the step (always true for t[-1]).
+                values = y
+            else:
+                theta = np.where(crossing, (remaining_old - next_remaining) / h_step, 0.0)
+                values = _interpolate(
+                    y_old,
+                    stages,
+                    h_tensor,
+                    to_device.floats(np.clip(theta, 0.0, 1.0)),
+                    coefficients.interpolation_t,
+                )
             selected = np.nonzero(to_batch(crossing))[0]
             output_rows.append(to_batch(next_output)[selected] * batch + selected)
             output_values.append(values[torch.from_numpy(selected).to(y.device)])
