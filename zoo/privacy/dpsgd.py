@@ -163,6 +163,7 @@ class DPSGD(Callback):
         self.prior_source: str | None = None
         self.accountant = accounting.make_accountant(accountant)
         self.replaced_layers: list[tuple[str, str, str]] = []
+        self.functorch_layers: list[str] = []
 
         # Objects of the current fit, released in teardown.
         self.optimizer: DPOptimizer | None = None
@@ -304,6 +305,13 @@ class DPSGD(Callback):
         # Poisson sampling and gradient accumulation across steps do not mix; Opacus raises
         # if per-sample gradients of two steps are about to be summed.
         self._hooks.forbid_grad_accumulation()
+        self.functorch_layers = _functorch_layers(self._hooks, model, pl_module)
+        if self.functorch_layers and self.grad_sample_mode == "hooks":
+            rank_zero_info(
+                "DP-SGD: Opacus has no grad sampler for layers "
+                f"{', '.join(self.functorch_layers)}; torch.func computes their per-sample "
+                "gradients, which needs outputs with the batch as the first dimension."
+            )
 
         base_loader, source = self._request_base_loader(trainer)
         dataset_size = len(base_loader.dataset)
@@ -406,6 +414,19 @@ class DPSGD(Callback):
         )
         if trainer.world_size > 1:
             _check_replicas_agree(pl_module)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Explain per-sample gradient failures of layers that Opacus has no grad sampler for."""
+        if self.functorch_layers and "vmap" in str(exception):
+            rank_zero_warn(
+                "DP-SGD could not compute per-sample gradients with torch.func for layers "
+                f"{', '.join(self.functorch_layers)}. Each such layer must map a batch to "
+                "outputs whose first dimension is the batch; a layer that returns the batch "
+                "loss, or mixes examples, cannot be trained per example. Restructure the "
+                "layer, or register a grad sampler with opacus.grad_sample.register_grad_sampler."
+            )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove hooks and wrappers so the module and trainer can be used without DP again."""
@@ -536,6 +557,18 @@ class DPSGD(Callback):
                 f"{self.target_delta:g} reached after {self.steps} private steps "
                 f"(epsilon={self.epsilon():.3f}); stopping training."
             )
+
+
+def _functorch_layers(
+    hooks: Any, model: torch.nn.Module, pl_module: pl.LightningModule
+) -> list[str]:
+    """Return the names of hooked layers whose per-sample gradients fall back to torch.func."""
+    names = {id(module): name for name, module in pl_module.named_modules()}
+    return [
+        names.get(id(module), type(module).__name__)
+        for module in hooks.iterate_submodules(model)
+        if type(module) not in hooks.GRAD_SAMPLERS
+    ]
 
 
 def _check_replicas_agree(pl_module: pl.LightningModule) -> None:

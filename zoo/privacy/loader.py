@@ -33,7 +33,7 @@ class DistributedPoissonBatchSampler(Sampler[list[int]]):
 
     Every process draws the same global Poisson mask over the whole dataset (each example
     enters the logical batch independently with probability ``sample_rate``) and keeps the
-    chosen indices ``i`` with ``i % world_size == rank``. Because each process knows the
+    chosen indices ``i`` with ``i % world_size == rank``. Because each process can count the
     share of every other one, all of them split a logical batch into the same number of
     physical batches, the largest ``ceil(share / max_batch_size)`` over the processes. This
     matters because Lightning 2.6 runs a collective operation before every training batch,
