@@ -2,7 +2,7 @@
 
 The file ``mocap35.mat`` is the preprocessed subject-35 walking set of Yildiz, Heinonen and
 Lähdesmäki, "ODE2VAE: Deep generative second order ODEs with Bayesian neural networks"
-(NeurIPS 2019), built from the CMU Graphics Lab Motion Capture Database. It holds 23
+(NeurIPS 2019), built from the CMU Graphics Lab Motion Capture Database. It contains 23
 sequences of 300 frames x 50 features, already split into 16 training (``Xtr``), 3
 validation (``Xval``) and 4 test (``Xtest``) sequences; that split is kept here.
 """
@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 
 RELATIVE_PATH = Path("timeseries") / "mocap_cmu_walking" / "mocap35.mat"
 SHA256 = "105484f138487f10209cce883d26e2e030d10a6df6f10159f4e6e253f9b03b8d"
-# NOTE: this mirror (a copy in the Apache-2.0 repository uncbiag/neuro_shooting at a pinned
-# commit) could not be fetched from the development machines; the checksum is verified.
+# NOTE: this mirror is a copy in the Apache-2.0 repository uncbiag/neuro_shooting at a pinned
+# commit. It could not be reached from the development machines, so only the checksum is known.
 DEFAULT_URL = (
     "https://raw.githubusercontent.com/uncbiag/neuro_shooting/"
     "ebf80a9c0a4515fdfffaa0c5418dc866e2776495/data/mocap/mocap35.mat"
@@ -184,8 +184,8 @@ class MocapDataModule(pl.LightningDataModule):
         train = splits["train"]
         mean = train.mean(axis=(0, 1))
         std = train.std(axis=(0, 1))
-        # Four features are constant in the training split but not in the test split; they
-        # are only centered, because dividing by a zero spread would blow them up.
+        # Four features are constant in the training split but vary slightly in the test
+        # split. Dividing by their zero spread would blow them up, so they are only centered.
         std = np.where(std > 1e-3, std, 1.0).astype(np.float32)
         self.feature_mean = torch.from_numpy(mean)
         self.feature_std = torch.from_numpy(std)

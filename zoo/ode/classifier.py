@@ -1,8 +1,9 @@
 """Neural-ODE image classifier with solver-heuristic regularization.
 
-Layout (as the MNIST neural ODE of Pal et al., 2021, "Opening the Blackbox"): a downsampling
-map from the image to a flat state, a neural ODE on ``t in [0, end_time]`` with a
-time-dependent tanh MLP as vector field, and a linear head on the final state.
+The layout follows the MNIST neural ODE of Pal, Ma, Shah and Rackauckas, "Opening the
+Blackbox" (ICML 2021). A downsampling map turns the image into a flat state, a neural ODE
+with a time-dependent tanh MLP as vector field runs on ``t in [0, end_time]``, and a linear
+head classifies the final state.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Latent ODE for irregularly sampled time series, with solver-heuristic regularization.
 
 The model is the RNN-encoder latent ODE of Rubanova, Chen and Duvenaud, "Latent ODEs for
-Irregularly-Sampled Time Series" (NeurIPS 2019): a GRU reads the observed frames backwards
-in time and gives a Gaussian posterior over the initial latent state ``z0``; an autonomous
-neural ODE carries ``z0`` to every frame time; a linear decoder maps latent states to the
-observations. Missing frames enter the GRU as zeros together with their observation mask.
+Irregularly-Sampled Time Series" (NeurIPS 2019). A GRU reads the observed frames backwards
+in time and gives a Gaussian posterior over the initial latent state ``z0``. An autonomous
+neural ODE carries ``z0`` to every frame time, and a linear decoder maps latent states to
+the observations. Missing frames enter the GRU as zeros together with their observation mask.
 """
 
 from __future__ import annotations

@@ -159,8 +159,8 @@ class StiffnessEstimateRegularizer(ODERegularizer):
     For every accepted step the solver estimates the dominant eigenvalue of the Jacobian as
     ``||k7 - k6|| / ||g7 - g6||`` from its last two stages. The term is the absolute value
     of that estimate, optionally divided by the size of the method's stability region along
-    the negative real axis (3.5068 for Tsit5), with zero in place of non-finite values
-    (a 0/0 ratio when the two stage points coincide).
+    the negative real axis (3.5068 for Tsit5). Non-finite estimates, such as the 0/0 ratio
+    when the two stage points coincide, count as zero.
 
     Args:
         reduction: ``"max"`` (reference implementation), ``"mean"`` or ``"sum"`` (paper)
@@ -308,7 +308,7 @@ def build_regularizer(name: str, **kwargs: Any) -> ODERegularizer:
 
     Raises:
         ValueError: If ``name`` is unknown.
-        TypeError: If ``kwargs`` holds an argument the regularizer does not take.
+        TypeError: If ``kwargs`` contains an argument the regularizer does not take.
     """
     if name == "none":
         if kwargs:
