@@ -111,6 +111,7 @@ def test_bilevel_trains_under_two_process_ddp(tmp_path):
         ],
         cwd=tmp_path,
         timeout=300,
+        env={"OMP_NUM_THREADS": "1"},
     )
     assert "max_steps=2" in process.stdout + process.stderr
     assert (tmp_path / "runs" / "opt-bilevel-breast-cancer" / "checkpoints" / "last.ckpt").is_file()

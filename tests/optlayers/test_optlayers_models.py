@@ -123,6 +123,7 @@ def test_model_trains_under_two_process_ddp(tmp_path, name):
         ],
         cwd=tmp_path,
         timeout=300,
+        env={"OMP_NUM_THREADS": "1"},
     )
     assert "max_steps=2" in process.stdout + process.stderr
     assert (tmp_path / "runs" / name / "checkpoints" / "last.ckpt").is_file()
