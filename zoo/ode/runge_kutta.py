@@ -53,10 +53,11 @@ class _FlatField:
 
     def __call__(self, t: Tensor, y: Tensor) -> Tensor:
         self.calls += 1
-        t_arg = t if self.per_sample else t.reshape(())
+        if not self.per_sample and t.dim():
+            t = t.reshape(())
         if self.reshape:
-            return self.func(t_arg, y.view(self.shape)).reshape(self.flat_shape)
-        return self.func(t_arg, y)
+            return self.func(t, y.view(self.shape)).reshape(self.flat_shape)
+        return self.func(t, y)
 
     def first_call(self, t: Tensor, y: Tensor) -> Tensor:
         """Evaluate once and check the shape of the result."""
@@ -85,36 +86,36 @@ def _attempt_step(
     abs_y: Tensor,
     k_first: Tensor,
     stage_times: tuple[Tensor, ...],
-    h_column: Tensor,
+    h: Tensor,
     h_scaled: Tensor,
-    inverse_h: Tensor,
     rtol: float,
     atol: Tensor,
 ) -> tuple[Tensor, Tensor, list[Tensor], Tensor, Tensor]:
     """Take one Runge-Kutta step from ``y``.
 
     Args:
-        stage_times: Time of each stage, each ``[m]``.
-        h_column: Step sizes ``[m, 1]``.
-        h_scaled: ``h / sqrt(n)``, ``[m]``, which turns the error norm into an RMS.
-        inverse_h: ``1 / h`` (0 where ``h`` is 0), ``[m]``.
+        stage_times: Time of each stage, each ``[m]`` (0-d for a shared step).
+        h: Step sizes ``[m, 1]`` (0-d for a shared step).
+        h_scaled: ``h / sqrt(n)``, ``[m]`` (0-d for a shared step), which turns the error
+            norm into an RMS.
 
     Returns:
-        ``(y_new, abs_y_new, stages, error_norm, stiffness)``: the new state ``[batch, n]``
+        ``(y_new, abs_y_new, stages, error_norm, gap_norms)``: the new state ``[batch, n]``
         and its absolute value, the stage derivatives (the FSAL stage last), the scaled error
-        norm ``[batch]`` and the stiffness estimate ``[batch]``.
+        norm ``[batch]``, and ``[2, batch]`` norms for the stiffness estimate: of
+        ``(g7 - g6) / h`` and of ``k7 - k6``, for the last two stage inputs ``g6, g7``.
     """
     stages = [k_first]
-    y_stage = torch.addcmul(y, k_first, h_column, value=coefficients.a21)
+    y_stage = torch.addcmul(y, k_first, h, value=coefficients.a21)
     stages.append(field(stage_times[1], y_stage))
     for i in range(2, len(stage_times) - 1):
         combined = _combine(coefficients.a_rows[i], stages).view_as(y)
-        y_stage = torch.addcmul(y, combined, h_column)
+        y_stage = torch.addcmul(y, combined, h)
         stages.append(field(stage_times[i], y_stage))
 
     # One product gives the new state, the error estimate and the last stage-input gap.
     final = _combine(coefficients.final_weights, stages)
-    y_new = torch.addcmul(y, final[0].view_as(y), h_column)
+    y_new = torch.addcmul(y, final[0].view_as(y), h)
     k_last = field(stage_times[-1], y_new)
     stages.append(k_last)
 
@@ -123,13 +124,11 @@ def _attempt_step(
     scale = torch.add(atol, torch.maximum(abs_y, abs_y_new), alpha=rtol)
     error_norm = torch.linalg.vector_norm(error / scale, dim=1) * h_scaled
 
-    # Dominant-eigenvalue estimate ||f(g7) - f(g6)|| / ||g7 - g6|| from the last two stages,
-    # both evaluated at the end of the step, where g7 - g6 = h * final[2].
-    stage_gap = torch.linalg.vector_norm(final[2].view_as(y), dim=1)
-    derivative_gap = torch.linalg.vector_norm(k_last - stages[-2], dim=1)
-    tiny = torch.finfo(y.dtype).tiny
-    stiffness = derivative_gap / stage_gap.clamp_min(tiny) * inverse_h
-    return y_new, abs_y_new, stages, error_norm, stiffness
+    # The stiffness estimate ||k7 - k6|| / ||g7 - g6|| is formed for all steps at once at the
+    # end of the solve, from these two norms and the step sizes.
+    gaps = torch.stack([final[2].view_as(y), k_last - stages[-2]])
+    gap_norms = torch.linalg.vector_norm(gaps, dim=2)
+    return y_new, abs_y_new, stages, error_norm, gap_norms
 
 
 def _interpolate(
@@ -139,29 +138,42 @@ def _interpolate(
     theta: Tensor,
     interpolation_t: Tensor,
 ) -> Tensor:
-    """Evaluate the dense output ``y + h * sum_i b_i(theta) k_i`` for ``theta`` ``[m]``."""
+    """Evaluate the dense output ``y + h * sum_i b_i(theta) k_i``.
+
+    ``theta`` is ``[m]`` and ``h`` is ``[m, 1]``, or 0-d for a shared step.
+    """
     degrees = torch.arange(interpolation_t.shape[0], device=theta.device, dtype=theta.dtype)
     weights = (theta.unsqueeze(1) ** degrees) @ interpolation_t  # [m, s]
     if weights.shape[0] == 1:
         combined = _combine(weights, stages).view_as(y)
     else:
         combined = torch.bmm(weights.unsqueeze(1), torch.stack(stages, dim=1)).squeeze(1)
-    return torch.addcmul(y, combined, h.unsqueeze(1))
+    return torch.addcmul(y, combined, h)
 
 
 class _HostToDevice:
-    """Copy float64 or bool NumPy arrays to tensors of the solve's dtype and device."""
+    """Copy NumPy arrays to tensors of the solve's dtype and device, and error norms back."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
         self.dtype = dtype
         self.device = device
+        self.on_cpu = device.type == "cpu"
         self.numpy_dtype = torch.empty((), dtype=dtype).numpy().dtype
 
     def floats(self, values: np.ndarray) -> Tensor:
-        return torch.from_numpy(values.astype(self.numpy_dtype)).to(self.device)
+        tensor = torch.from_numpy(values.astype(self.numpy_dtype))
+        return tensor if self.on_cpu else tensor.to(self.device)
 
     def mask(self, values: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.array(values, dtype=bool)).to(self.device)
+        tensor = torch.from_numpy(np.array(values, dtype=bool))
+        return tensor if self.on_cpu else tensor.to(self.device)
+
+    def to_host(self, values: Tensor) -> np.ndarray:
+        """Return a detached float64 copy of ``values`` on the host."""
+        values = values.detach()
+        if not self.on_cpu:
+            values = values.cpu()
+        return values.numpy().astype(np.float64)
 
 
 def integrate_adaptive(
@@ -241,10 +253,10 @@ def integrate_adaptive(
     output_values = [y]
 
     atol_tensor = y.new_tensor(atol)
-    host_values = np.empty((n_stages + 3, m))
+    host_values = np.empty((n_stages + 2, m))
     abs_y = y.abs()
     inverse_sqrt_n = n**-0.5
-    rows_error, rows_stiffness, rows_h, rows_accepted, rows_rejected = [], [], [], [], []
+    rows_error, rows_gap_norms, rows_h, rows_accepted, rows_rejected = [], [], [], [], []
     n_iterations = 0
     while True:
         if n_iterations >= max_steps:
@@ -259,30 +271,33 @@ def integrate_adaptive(
 
         # A finished sample has no time left, so its step is 0 and its state stays put.
         h_step = np.minimum(h, remaining)
-        # Stage times, h, h / sqrt(n) and 1 / h go to the device in one transfer. 1 / h only
-        # scales stiffness estimates that are zero where h is 0, so the floor just keeps it finite.
+        # Stage times, h and h / sqrt(n) go to the device in one transfer. A shared step
+        # sends 0-d tensors, which broadcast against the batch.
         np.multiply(stage_fractions, h_step, out=host_values[:n_stages])
         host_values[:n_stages] += t_end - remaining
         host_values[n_stages] = h_step
         np.multiply(h_step, inverse_sqrt_n, out=host_values[n_stages + 1])
-        np.divide(1.0, np.maximum(h_step, 1e-30), out=host_values[n_stages + 2])
-        device_values = to_device.floats(host_values).unbind(0)
-        h_tensor = device_values[n_stages]
-        y_new, abs_y_new, stages, error_norm, stiffness = _attempt_step(
+        device_values = to_device.floats(host_values)
+        if per_sample_steps:
+            device_values = device_values.unbind(0)
+            h_tensor = device_values[n_stages].unsqueeze(1)
+        else:
+            device_values = device_values.view(-1).unbind(0)
+            h_tensor = device_values[n_stages]
+        y_new, abs_y_new, stages, error_norm, gap_norms = _attempt_step(
             field,
             coefficients,
             y,
             abs_y,
             k_first,
             device_values[:n_stages],
-            h_tensor.unsqueeze(1),
+            h_tensor,
             device_values[n_stages + 1],
-            device_values[n_stages + 2],
             rtol,
             atol_tensor,
         )
 
-        error_host = reduce(error_norm.detach().cpu().numpy().astype(np.float64))
+        error_host = reduce(to_device.to_host(error_norm))
         accepted = (error_host <= 1.0) & active
         rejected = active > accepted
         any_accepted = _any(accepted)
@@ -299,7 +314,7 @@ def integrate_adaptive(
         rows_rejected.append(rejected)
         if any_accepted:
             rows_error.append(error_norm)
-            rows_stiffness.append(stiffness)
+            rows_gap_norms.append(gap_norms)
             rows_h.append(h_step)
             rows_accepted.append(accepted)
         y_old = y
@@ -351,7 +366,7 @@ def integrate_adaptive(
 
     ys = _assemble_outputs(output_rows, output_values, len(output_times), batch, n)
     stats = _collect_stats(
-        rows_error, rows_stiffness, rows_h, rows_accepted, rows_rejected, batch, field.calls
+        rows_error, rows_gap_norms, rows_h, rows_accepted, rows_rejected, batch, field.calls
     )
     logger.debug(
         "Solved to t=%g: nfe=%d, accepted=%d, rejected=%d",
@@ -404,7 +419,7 @@ def _assemble_outputs(
 
 def _collect_stats(
     rows_error: list[Tensor],
-    rows_stiffness: list[Tensor],
+    rows_gap_norms: list[Tensor],
     rows_h: list[np.ndarray],
     rows_accepted: list[np.ndarray],
     rows_rejected: list[np.ndarray],
@@ -419,14 +434,21 @@ def _collect_stats(
     h = np.broadcast_to(np.stack(rows_h), (len(rows_h), batch))
     mask = torch.from_numpy(np.array(accepted, dtype=bool)).to(device)
     zero = error.new_zeros(())
-    step_sizes = torch.from_numpy(np.where(accepted, h, 0.0)).to(device=device, dtype=error.dtype)
+    step_sizes = np.where(accepted, h, 0.0)
+    inverse_h = np.divide(1.0, step_sizes, out=np.zeros_like(step_sizes), where=accepted)
+
+    # Stiffness ||k7 - k6|| / ||g7 - g6||, where g7 - g6 = h * (the first gap norm's vector).
+    gap_norms = torch.stack(rows_gap_norms)
+    tiny = torch.finfo(error.dtype).tiny
+    stiffness = gap_norms[:, 1] / gap_norms[:, 0].clamp_min(tiny)
+    stiffness = stiffness * torch.from_numpy(inverse_h).to(device=device, dtype=error.dtype)
     return SolverStats(
         nfe=nfe,
         n_accepted=len(rows_accepted),
         n_rejected=int(rejected.any(axis=1).sum()),
         error_estimates=torch.where(mask, error, zero),
-        step_sizes=step_sizes,
-        stiffness_estimates=torch.where(mask, torch.stack(rows_stiffness), zero),
+        step_sizes=torch.from_numpy(step_sizes).to(device=device, dtype=error.dtype),
+        stiffness_estimates=torch.where(mask, stiffness, zero),
         step_mask=mask,
         n_accepted_per_sample=mask.sum(dim=0),
         n_rejected_per_sample=torch.from_numpy(rejected.sum(axis=0)).to(device),
