@@ -6,7 +6,7 @@ The run uses the config's hyperparameters in one process with fresh secret noise
 
 Example::
 
-    python benchmarks/diff2_export.py --data-dir ../shared/data --out-dir checkpoints
+    ZOO_DATA_DIR=/path/to/data OMP_NUM_THREADS=1 python benchmarks/diff2_export.py
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 MODEL = "diff2-adult"
 
 
-def test_accuracy(model: Diff2Classifier, data: AdultDataModule) -> float:
+def measure_test_accuracy(model: Diff2Classifier, data: AdultDataModule) -> float:
     """Return the model's accuracy on the whole ``adult.test`` split."""
     data.setup("test")
     inputs, labels = data.test_set.tensors
@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     """Train, evaluate and export."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", default=None, help="folder that contains adult/uci/")
+    parser.add_argument(
+        "--data-dir", default=None, help="folder that contains adult/uci/ (default: $ZOO_DATA_DIR)"
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("checkpoints"))
     parser.add_argument("--root", type=Path, default=Path("runs") / "diff2-export")
     args = parser.parse_args(argv)
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         enable_progress_bar=False,
     )
     trainer.fit(model, datamodule=data)
-    accuracy = test_accuracy(model, data)
+    accuracy = measure_test_accuracy(model, data)
     privacy = model.privacy_spent()
     logger.info("test accuracy %.4f at epsilon %.4f", accuracy, privacy["epsilon"])
     hub.export_pretrained(

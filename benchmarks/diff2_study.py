@@ -11,17 +11,18 @@ initialisation and run ``--rounds`` rounds with the same step size and restart c
 
 Both calibrate their noise to ``(epsilon, 1e-5)`` for the run with Opacus' RDP accountant.
 The script reports the final full-gradient norm of the mean training loss (exact, without
-clipping or noise, on the ``n`` records) and the accuracy on ``adult.test``. A non-private
-run (gradient descent with the same clip and no noise) gives the floor of each ``n``.
+clipping or noise, on the ``n`` records) and the accuracy on ``adult.test``. Both methods
+also run once without noise but with the same clips. These noiseless runs separate the
+effect of noise from the effect of clipping.
 
-The workers run one after another in this process (:func:`zoo.privacy.diff2.simulate_diff2`),
-with the same code and noise as the DDP workers of the Lightning module; a test checks that
-both give the same iterates.
+The workers run one after another in this process (:func:`zoo.privacy.diff2.simulate_diff2`).
+They use the same code and noise as the DDP workers of the Lightning module, and a test
+checks that both give the same iterates.
 
 Example (the tables and figures of docs/benchmarks/privacy-diff2.md)::
 
-    python benchmarks/diff2_study.py --data-dir ../shared/data --out runs/diff2_study.json \\
-        --figures docs/figures
+    ZOO_DATA_DIR=/path/to/data python benchmarks/diff2_study.py \\
+        --out docs/figures/diff2-study.json --figures docs/figures
 """
 
 from __future__ import annotations
@@ -220,7 +221,9 @@ def plot(rows: list[dict], figures: Path) -> list[Path]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", default=None, help="folder that contains adult/uci/")
+    parser.add_argument(
+        "--data-dir", default=None, help="folder that contains adult/uci/ (default: $ZOO_DATA_DIR)"
+    )
     parser.add_argument("--records", type=int, nargs="+", default=[2000, 29305])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds per cell")
@@ -260,7 +263,10 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     for records in args.records:
         train = (all_inputs[:records].to(torch.float64), all_labels[:records].to(torch.float64))
-        runs.append(run_one("nonprivate", None, 0, train, test, args))
+        for method in ("dpgd", "diff2"):
+            noiseless = run_one(method, None, 0, train, test, args)
+            noiseless.method = f"{method}-noiseless"
+            runs.append(noiseless)
         for epsilon in args.epsilons:
             for seed in range(args.seeds):
                 for method in ("dpgd", "diff2"):
@@ -280,15 +286,17 @@ def main(argv: list[str] | None = None) -> None:
     rows = summarise(runs)
     print(markdown_table(rows))
     for run in runs:
-        if run.method == "nonprivate":
+        if run.method.endswith("-noiseless"):
             print(
-                f"non-private, n={run.records}: grad norm {run.grad_norm:.4g}, "
-                f"test accuracy {run.test_accuracy:.4f}"
+                f"{run.method} (no noise, same clips), n={run.records}: grad norm "
+                f"{run.grad_norm:.4g}, test accuracy {run.test_accuracy:.4f}"
             )
     print(f"total wall time {time.perf_counter() - start:.0f} s")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"settings": vars(args), "runs": [asdict(run) for run in runs], "cells": rows}
+        paths = ("data_dir", "out", "figures")
+        settings = {key: value for key, value in vars(args).items() if key not in paths}
+        payload = {"settings": settings, "runs": [asdict(run) for run in runs], "cells": rows}
         args.out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     if args.figures is not None:
         for path in plot(rows, args.figures):

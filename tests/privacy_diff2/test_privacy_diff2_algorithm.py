@@ -76,7 +76,7 @@ def test_restart_every_round_equals_opacus_dp_gd() -> None:
         torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-11, msg=name)
 
 
-def test_large_interval_restart_once_then_differences() -> None:
+def test_restart_rounds_follow_interval() -> None:
     inputs, targets = make_problem()
     algorithm = Diff2(
         make_net(),
