@@ -7,7 +7,7 @@ other processes hits all solvers alike. Times are CPU time of the calling thread
 the process waits for a core on a shared machine. For each solver the script reports the
 median time per attempted step, the NFE, and the share of the solve spent outside the vector
 field, measured by timing every vector-field call inside the solve. Ratios are torchdiffeq's
-time per step divided by the zoo solver's.
+time (per step or per solve) divided by the zoo solver's.
 
 Example::
 
@@ -59,6 +59,7 @@ class TimedMLP(nn.Module):
 class Measurements:
     """Per-round measurements of one solver."""
 
+    seconds_per_solve: list[float] = field(default_factory=list)
     seconds_per_step: list[float] = field(default_factory=list)
     outside_share: list[float] = field(default_factory=list)
     nfe: int = 0
@@ -110,6 +111,7 @@ def measure(args: argparse.Namespace) -> dict[str, Measurements]:
             record = results[name]
             record.nfe = f.calls
             record.steps = steps
+            record.seconds_per_solve.append(seconds)
             record.seconds_per_step.append(seconds / steps)
             record.outside_share.append(1.0 - f.seconds / seconds)
     return results
@@ -117,20 +119,24 @@ def measure(args: argparse.Namespace) -> dict[str, Measurements]:
 
 def format_table(results: dict[str, Measurements], mode: str) -> str:
     """Format a Markdown table of the medians, with ratios against torchdiffeq."""
-    reference = statistics.median(results["torchdiffeq dopri5"].seconds_per_step)
+    reference = results["torchdiffeq dopri5"]
+    reference_step = statistics.median(reference.seconds_per_step)
+    reference_solve = statistics.median(reference.seconds_per_solve)
     lines = [
         f"mode: {mode}",
         "",
         "| solver | NFE | steps | time per step (ms) | speed-up per step vs torchdiffeq "
-        "| time outside vector field |",
-        "|---|---|---|---|---|---|",
+        "| time per solve (ms) | speed-up per solve | time outside vector field |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, record in results.items():
         per_step = statistics.median(record.seconds_per_step)
+        per_solve = statistics.median(record.seconds_per_solve)
         outside = statistics.median(record.outside_share)
         lines.append(
             f"| {name} | {record.nfe} | {record.steps} | {per_step * 1e3:.3f} | "
-            f"{reference / per_step:.2f}x | {outside * 100:.0f}% |"
+            f"{reference_step / per_step:.2f}x | {per_solve * 1e3:.2f} | "
+            f"{reference_solve / per_solve:.2f}x | {outside * 100:.0f}% |"
         )
     return "\n".join(lines)
 
