@@ -132,7 +132,7 @@ def solve_ivp(
 ) -> ODESolution:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` with an adaptive 5(4) Runge-Kutta pair.
 
-    A PI controller chooses the step size from the scaled error norm
+    An I controller chooses the step size from the scaled error norm
     ``RMS(err / (atol + rtol * max(|y_j|, |y_j+1|)))`` and accepts a step when that norm is at
     most 1. The first step comes from the algorithm of Hairer, Norsett and Wanner unless
     ``first_step`` is given. States at the output times ``t`` come from the method's 4th-order
