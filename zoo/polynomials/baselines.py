@@ -105,8 +105,8 @@ class RandomFeatureRidge(PolynomialRegressionModule):
     """Ridge regression on random features, fitted in one pass over the training set.
 
     The single training epoch sums the normal equations over batches and DDP ranks, then
-    solves them with the penalty chosen by generalised cross-validation. Training stops
-    after that epoch.
+    solves them after its last batch with the penalty chosen by generalised
+    cross-validation. Training stops after that epoch.
 
     Args:
         input_dim: Input dimension d.
@@ -148,11 +148,17 @@ class RandomFeatureRidge(PolynomialRegressionModule):
         with torch.no_grad():
             features = self.net.random_features(batch["x"])
         self._sums = add_sums(self._sums, ridge_sums(features, batch["y"]))
+        # Lightning validates before on_train_epoch_end, so solve here.
+        if batch_idx == self.trainer.num_training_batches - 1:
+            self._solve()
 
     def on_train_epoch_end(self) -> None:
+        if not bool(self.fitted):
+            # Reached only when this epoch ran no training batch at all.
+            self._solve()
         self.trainer.should_stop = True
-        if bool(self.fitted):
-            return
+
+    def _solve(self) -> None:
         if self._sums is None:
             # This rank saw no batch; contribute zeros so that the reduction does not hang.
             empty = torch.zeros(0, self.hparams.num_features, device=self.device)
@@ -164,4 +170,4 @@ class RandomFeatureRidge(PolynomialRegressionModule):
         self._sums = None
         ridge = self.net.fit(sums, self.hparams.ridges)
         self.fitted.fill_(True)
-        self.log("train/ridge", ridge, sync_dist=True)
+        self.log("train/ridge", ridge, on_step=False, on_epoch=True, sync_dist=True)

@@ -7,8 +7,8 @@ Lightning runs the stages as epochs, under manual optimisation:
   spread of the learned pre-activations over D2 (inputs only);
 - epoch 2, link fitting: ridge regression of the outer layer on D2.
 
-Each epoch accumulates sums over its batches, adds them over DDP ranks at the epoch end
-and applies one update. The result therefore does not depend on the batch size or the
+Each epoch accumulates sums over its batches, adds them over DDP ranks after its last
+batch and applies one update, before the epoch's validation runs. The result therefore does not depend on the batch size or the
 number of processes, except through the samples that ``DistributedSampler`` repeats to
 pad the shards. Training stops after epoch 2.
 """
@@ -210,6 +210,9 @@ class LayerwiseThreeLayer(PolynomialRegressionModule):
         part = FEATURE_PART if stage == FEATURE_STEP else LINK_PART
         rows = batch["part"] == part
         self._accumulate(stage, batch["x"][rows], batch["y"][rows])
+        # Lightning validates before on_train_epoch_end, so finish the stage here.
+        if batch_idx == self.trainer.num_training_batches - 1:
+            self._finish_stage(stage)
 
     def _accumulate(self, stage: int, x: torch.Tensor, y: torch.Tensor) -> None:
         if stage == FEATURE_STEP:
@@ -222,9 +225,13 @@ class LayerwiseThreeLayer(PolynomialRegressionModule):
 
     def on_train_epoch_end(self) -> None:
         stage = self.current_epoch
-        if stage >= NUM_STAGES:
+        if stage < NUM_STAGES and int(self.completed_stages) == stage:
+            # Reached only when this epoch ran no training batch at all.
+            self._finish_stage(stage)
+        if int(self.completed_stages) >= NUM_STAGES:
             self.trainer.should_stop = True
-            return
+
+    def _finish_stage(self, stage: int) -> None:
         if self._sums is None:
             # This rank saw no batch; contribute zeros so that the reduction does not hang.
             empty = torch.zeros(0, self.hparams.input_dim, device=self.device)
@@ -242,8 +249,6 @@ class LayerwiseThreeLayer(PolynomialRegressionModule):
             )
         self._apply_stage(stage, sums)
         self.completed_stages.fill_(stage + 1)
-        if stage + 1 == NUM_STAGES:
-            self.trainer.should_stop = True
 
     def _apply_stage(self, stage: int, sums: Sums) -> None:
         hp = self.hparams
@@ -256,10 +261,12 @@ class LayerwiseThreeLayer(PolynomialRegressionModule):
             scale = hp.feature_scale if hp.learning_rate is None else None
             factor = calibrate_hidden_layer(self.net, sums, scale, hp.bias_range, generator)
             learning_rate = factor if hp.learning_rate is None else hp.learning_rate
-            self.log("train/learning_rate", learning_rate, sync_dist=True)
+            self.log(
+                "train/learning_rate", learning_rate, on_step=False, on_epoch=True, sync_dist=True
+            )
         else:
             ridge = apply_link_fit(self.net, sums, hp.ridges)
-            self.log("train/ridge", ridge, sync_dist=True)
+            self.log("train/ridge", ridge, on_step=False, on_epoch=True, sync_dist=True)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
