@@ -102,9 +102,15 @@ def test_qp_layer_reports_infeasible_element_by_index():
     G_batch[1] = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=DTYPE)
     h_batch = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, 1.0]], dtype=DTYPE)
     layer = QPLayer(maxiter=30)
+    q = q.requires_grad_()
     x = layer(Q, q, G_batch, h_batch)
     assert layer.last_solution.converged.tolist() == [True, False, True]
     assert torch.isfinite(x[[0, 2]]).all()
+    assert torch.equal(x[1], torch.zeros(2, dtype=DTYPE))
+    x.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    assert torch.equal(q.grad[1], torch.zeros(2, dtype=DTYPE))
+    assert q.grad[[0, 2]].abs().sum() > 0
     with pytest.raises(RuntimeError, match=r"batch indices \[1\]"):
         QPLayer(maxiter=30, on_failure="raise")(Q, q, G_batch, h_batch)
 

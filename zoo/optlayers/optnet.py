@@ -127,7 +127,7 @@ class QPNetClassifier(pl.LightningModule):
         losses = F.cross_entropy(logits, labels, reduction="none")
         solution = self.qp.qp.last_solution
         converged = solution.converged.to(losses.device)
-        # A non-converged QP gives a meaningless output; leave it out of the loss.
+        # A non-converged QP returns zeros, not a solution, so leave it out of the loss.
         loss = (losses * converged).sum() / converged.sum().clamp_min(1)
         accuracy = (logits.argmax(-1) == labels).float().mean()
         size = labels.shape[0]

@@ -161,14 +161,22 @@ class _QPFunction(torch.autograd.Function):
         solution = solve_qp_batch(Q, q, G, h, A, b, tol=tol, maxiter=maxiter)
         info["solution"] = solution
         ctx.save_for_backward(
-            Q, G, A, solution.x, solution.eq_dual, solution.ineq_dual, solution.slack
+            Q,
+            G,
+            A,
+            solution.x,
+            solution.eq_dual,
+            solution.ineq_dual,
+            solution.slack,
+            solution.converged,
         )
-        return solution.x
+        # Failed elements return zeros, because their last iterate may be huge or NaN.
+        return torch.where(solution.converged.unsqueeze(-1), solution.x, 0.0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_x: torch.Tensor):
-        Q, G, A, x, y, z, s = ctx.saved_tensors
+        Q, G, A, x, y, z, s, converged = ctx.saved_tensors
         batch, n = x.shape
         m, p = z.shape[-1], y.shape[-1]
         dtype, device = x.dtype, x.device
@@ -183,6 +191,14 @@ class _QPFunction(torch.autograd.Function):
         kkt_t[:, n + m :, :n] = A
         rhs = torch.zeros(batch, n + m + p, dtype=dtype, device=device)
         rhs[:, :n] = -grad_x
+        # Failed elements get the identity system with a zero right-hand side, so their
+        # gradient is zero instead of the solve failing on a singular or non-finite matrix.
+        failed = ~converged
+        if bool(failed.any()):
+            identity = torch.eye(n + m + p, dtype=dtype, device=device)
+            kkt_t = torch.where(failed.view(-1, 1, 1), identity, kkt_t)
+            rhs = torch.where(failed.view(-1, 1), 0.0, rhs)
+            x, y, z = (torch.where(failed.view(-1, 1), 0.0, value) for value in (x, y, z))
         adjoint = torch.linalg.solve(kkt_t, rhs)
         u_x, u_z, u_y = adjoint[:, :n], adjoint[:, n : n + m], adjoint[:, n + m :]
         scaled_u_z = z * u_z
@@ -259,9 +275,10 @@ class QPLayer(torch.nn.Module):
     Each argument may carry a leading batch dimension or none (then it is shared by the
     batch). Solving and differentiating run in float64; the output has the dtype of ``q``.
     After each call, :attr:`last_solution` contains the per-element diagnostics. Elements that
-    did not converge (an infeasible problem, for example) are reported by index: a warning
-    when ``on_failure="warn"``, which leaves their (meaningless) iterate in the output so the
-    caller can mask them, or a ``RuntimeError`` when ``on_failure="raise"``.
+    did not converge (an infeasible problem, for example) are reported by index. With
+    ``on_failure="warn"`` a warning is logged and they are returned as zeros with zero
+    gradient, so the caller can mask them. With ``on_failure="raise"`` a ``RuntimeError``
+    is raised.
 
     NOTE: each call runs about ten small batched factorizations and solves. On a CPU that
     other processes keep busy, PyTorch's intra-op threads made the layer 14 times slower
