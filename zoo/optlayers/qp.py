@@ -48,7 +48,7 @@ def _bmtv(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
 
 
 def _max_step(value: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """Largest ``alpha`` in [0, 1] with ``value + alpha * step >= 0``, per batch element."""
+    """Return the largest ``alpha`` in [0, 1] with ``value + alpha * step >= 0``, per batch element."""
     ratios = torch.where(step < 0, -value / step.where(step < 0, -1.0), torch.inf)
     return ratios.amin(dim=-1).clamp(max=1.0)
 
@@ -189,6 +189,7 @@ class _QPFunction(torch.autograd.Function):
         kkt_t[:, n : n + m, :n] = G
         kkt_t[:, n : n + m, n : n + m] = torch.diag_embed(-s)
         kkt_t[:, n + m :, :n] = A
+
         rhs = torch.zeros(batch, n + m + p, dtype=dtype, device=device)
         rhs[:, :n] = -grad_x
         # Failed elements get the identity system with a zero right-hand side, so their
@@ -200,6 +201,7 @@ class _QPFunction(torch.autograd.Function):
             rhs = torch.where(failed.view(-1, 1), 0.0, rhs)
             x, y, z = (torch.where(failed.view(-1, 1), 0.0, value) for value in (x, y, z))
         adjoint = torch.linalg.solve(kkt_t, rhs)
+
         u_x, u_z, u_y = adjoint[:, :n], adjoint[:, n : n + m], adjoint[:, n + m :]
         scaled_u_z = z * u_z
         grad_Q = 0.5 * (u_x.unsqueeze(-1) * x.unsqueeze(-2) + x.unsqueeze(-1) * u_x.unsqueeze(-2))
