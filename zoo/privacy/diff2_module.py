@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import torch
@@ -21,8 +22,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAccuracy
 
+from zoo.callbacks.figures import log_figure
 from zoo.privacy.diff2 import Diff2, check_diff2_arguments, round_generator
 from zoo.privacy.diff2_accounting import calibrate_noise, diff2_epsilon
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,29 @@ def build_mlp(num_features: int, hidden_sizes: list[int], activation: str) -> nn
 def summed_logistic_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Return the binary cross-entropy of ``logits [B, 1]`` against 0/1 ``targets [B]``, summed."""
     return F.binary_cross_entropy_with_logits(logits.squeeze(-1), targets, reduction="sum")
+
+
+def rounds_figure(history: list[dict[str, float]]) -> Figure:
+    """Plot the clip radius and ``||v||`` (log scale) and the spent epsilon per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [record["round"] for record in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.semilogy(rounds, [record["clip"] for record in history], ".-", label="clip radius")
+    left.semilogy(rounds, [record["estimate_norm"] for record in history], ".-", label="||v||")
+    restarts = [record["round"] for record in history if record["restart"]]
+    for index, round_index in enumerate(restarts):
+        left.axvline(round_index, color="grey", lw=0.5, label="restart" if index == 0 else None)
+    left.set_xlabel("round")
+    left.legend()
+    right.plot(rounds, [record["epsilon"] for record in history], ".-")
+    right.set_xlabel("round")
+    right.set_ylabel("epsilon spent")
+    figure.tight_layout()
+    return figure
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:
@@ -161,6 +189,8 @@ class Diff2Classifier(pl.LightningModule):
         self.val_accuracy = BinaryAccuracy()
         self.test_accuracy = BinaryAccuracy()
         self._noise_base_seed: int | None = None
+        #: Per-round records of this run (not of resumed earlier runs), for the figure.
+        self._history: list[dict[str, float]] = []
 
     def _noise_multipliers(self) -> tuple[float, float]:
         hp = self.hparams
@@ -279,9 +309,23 @@ class Diff2Classifier(pl.LightningModule):
         self.log("train/restart", float(message.restart), on_step=False, on_epoch=True)
         self.log("train/records", float(num_records), on_step=False, on_epoch=True)
         self.log("train/workers", float(num_workers), on_step=False, on_epoch=True)
+        self._history.append(
+            {
+                "round": float(round_index),
+                "epsilon": epsilon,
+                "clip": message.clip,
+                "estimate_norm": float(estimate.norm()),
+                "restart": float(message.restart),
+            }
+        )
         if self.algorithm.round_index >= self.hparams.rounds:
             self.trainer.should_stop = True
         return None
+
+    def on_train_end(self) -> None:
+        """Log a figure of the clip radius, ``||v||`` and spent epsilon per round."""
+        if self._history:
+            log_figure(self.trainer, "diff2/rounds", rounds_figure(self._history))
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, metric: BinaryAccuracy) -> None:
         features, labels = batch
