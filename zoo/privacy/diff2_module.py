@@ -193,34 +193,41 @@ class Diff2Classifier(pl.LightningModule):
         self._history: list[dict[str, float]] = []
 
     def _noise_multipliers(self) -> tuple[float, float]:
-        hp = self.hparams
-        if hp.target_epsilon is not None:
-            given = (hp.noise_multiplier_restart, hp.noise_multiplier_difference)
-            if any(value is not None for value in given):
+        hparams = self.hparams
+        if hparams.target_epsilon is not None:
+            explicit_multipliers = (
+                hparams.noise_multiplier_restart,
+                hparams.noise_multiplier_difference,
+            )
+            if any(value is not None for value in explicit_multipliers):
                 raise ValueError(
                     "Give either target_epsilon or the noise multipliers, not both; got "
-                    f"target_epsilon={hp.target_epsilon}, noise_multiplier_restart="
-                    f"{hp.noise_multiplier_restart}, noise_multiplier_difference="
-                    f"{hp.noise_multiplier_difference}."
+                    f"target_epsilon={hparams.target_epsilon}, noise_multiplier_restart="
+                    f"{hparams.noise_multiplier_restart}, noise_multiplier_difference="
+                    f"{hparams.noise_multiplier_difference}."
                 )
             return calibrate_noise(
-                hp.target_epsilon, hp.delta, hp.rounds, hp.restart_interval, hp.restart_share
+                hparams.target_epsilon,
+                hparams.delta,
+                hparams.rounds,
+                hparams.restart_interval,
+                hparams.restart_share,
             )
-        if hp.noise_multiplier_restart is None:
+        if hparams.noise_multiplier_restart is None:
             raise ValueError(
                 "Set target_epsilon (for example 1.0) or noise_multiplier_restart; both are "
                 "None, which would train without privacy."
             )
-        difference = hp.noise_multiplier_difference
+        difference = hparams.noise_multiplier_difference
         if difference is None:
-            if hp.restart_interval > 1:
+            if hparams.restart_interval > 1:
                 raise ValueError(
                     "noise_multiplier_difference is None but restart_interval="
-                    f"{hp.restart_interval} > 1 has difference rounds; set it, or set "
+                    f"{hparams.restart_interval} > 1 has difference rounds; set it, or set "
                     "target_epsilon instead."
                 )
             difference = 0.0
-        return float(hp.noise_multiplier_restart), float(difference)
+        return float(hparams.noise_multiplier_restart), float(difference)
 
     @property
     def noise_multipliers(self) -> tuple[float, float]:
