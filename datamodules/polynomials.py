@@ -71,7 +71,10 @@ class HierarchicalPolynomialDataModule(pl.LightningDataModule):
         num_test_samples: Size of the test set.
         noise_std: Standard deviation of Gaussian noise added to the training labels.
         batch_size: Samples per batch.
-        seed: Seed of the target (directions and signs of p) and of every sample draw.
+        seed: Seed of the target (directions and signs of p), and of the sample draws
+            unless ``sample_seed`` is set.
+        sample_seed: Seed of the sample draws alone, to draw new samples of the same
+            target (for example to refit a pretrained model); None uses ``seed``.
         num_workers: DataLoader worker processes.
         data_dir: Unused, because the samples are generated in memory; accepted so that
             every zoo datamodule takes the same arguments.
@@ -94,6 +97,7 @@ class HierarchicalPolynomialDataModule(pl.LightningDataModule):
         noise_std: float = 0.0,
         batch_size: int = 2048,
         seed: int = 0,
+        sample_seed: int | None = None,
         num_workers: int = 0,
         data_dir: str | None = None,
     ) -> None:
@@ -121,7 +125,10 @@ class HierarchicalPolynomialDataModule(pl.LightningDataModule):
         self, stream: int, num_samples: int, noise_std: float, part: int
     ) -> PolynomialSamples:
         # Each split draws from its own generator, seeded by one word of SeedSequence(seed).
-        seeds = np.random.SeedSequence(self.hparams.seed).generate_state(4, dtype=np.uint64)
+        sample_seed = (
+            self.hparams.seed if self.hparams.sample_seed is None else self.hparams.sample_seed
+        )
+        seeds = np.random.SeedSequence(sample_seed).generate_state(4, dtype=np.uint64)
         generator = torch.Generator().manual_seed(int(seeds[stream]) >> 1)
         x, y, p = self.target.sample(num_samples, generator, noise_std)
         return PolynomialSamples(x, y, p, torch.full((num_samples,), part, dtype=torch.long))

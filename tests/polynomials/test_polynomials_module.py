@@ -122,6 +122,24 @@ def test_lightning_stages_match_in_memory_fit() -> None:
     assert float(trainer.callback_metrics["val/feature_corr"]) > 0.5
 
 
+def test_reset_to_stage_refits_only_link() -> None:
+    model = LayerwiseThreeLayer(input_dim=8, feature_width=512, hidden_width=16)
+    _trainer(max_epochs=3).fit(model, _small_data())
+    weight = model.net.weight.detach().clone()
+    outer_weight = model.net.outer_weight.detach().clone()
+
+    model.reset_to_stage(2)
+    assert int(model.completed_stages) == 2
+    _trainer(max_epochs=1).fit(model, _small_data(sample_seed=1))
+    assert int(model.completed_stages) == 3
+    assert torch.equal(model.net.weight, weight)
+    assert not torch.equal(model.net.outer_weight, outer_weight)
+
+    model.reset_to_stage(0)
+    assert int(model.completed_stages) == 0
+    assert not model.net.weight.any()
+
+
 def test_random_feature_ridge_fits_in_one_epoch() -> None:
     # A quadratic target (g = identity) is within reach of a kernel method at this n.
     data = _small_data(link_coefficients=[0.0, 1.0])

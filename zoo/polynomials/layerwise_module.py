@@ -1,16 +1,21 @@
 """LightningModule for the layerwise training of a three-layer network.
 
-Lightning runs the stages as epochs, under manual optimisation:
+Lightning runs the stages as epochs, one stage per epoch, under manual optimisation:
 
-- epoch 0, feature learning: one full-batch gradient step on the middle layer W over D1;
-- epoch 1, calibration: the step size and the middle-layer biases are set from the
+- stage 0, feature learning: one full-batch gradient step on the middle layer W over D1;
+- stage 1, calibration: the step size and the middle-layer biases are set from the
   spread of the learned pre-activations over D2 (inputs only);
-- epoch 2, link fitting: ridge regression of the outer layer on D2.
+- stage 2, link fitting: ridge regression of the outer layer on D2.
+
+The buffer ``completed_stages`` records progress, so it is saved in checkpoints: each
+epoch runs the first stage not yet done, a resumed run continues where it stopped, and
+:meth:`LayerwiseThreeLayer.reset_to_stage` lets a pretrained model refit later stages on
+new data.
 
 Each epoch accumulates sums over its batches, adds them over DDP ranks after its last
 batch and applies one update, before the epoch's validation runs. The result therefore does not depend on the batch size or the
 number of processes, except through the samples that ``DistributedSampler`` repeats to
-pad the shards. Training stops after epoch 2.
+pad the shards. Training stops once stage 2 is done.
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ class LayerwiseThreeLayer(PolynomialRegressionModule):
 
     Training batches are dicts with ``x``, ``y`` and ``part`` (0 for D1, 1 for D2), as
     served by ``zoo.datamodules.polynomials.HierarchicalPolynomialDataModule``. Set
-    ``trainer.max_epochs`` to at least 3; training stops itself after the third epoch.
+    ``trainer.max_epochs`` to at least 3; training stops itself after stage 2.
     Validation also logs ``val/feature_corr``, the mean over neurons of
     ``|corr(<w_i, phi(x)>, p(x))|``, once stage 1 is done.
 
@@ -137,6 +142,7 @@ class LayerwiseThreeLayer(PolynomialRegressionModule):
         self.register_buffer("completed_stages", torch.zeros((), dtype=torch.long))
         self.val_feature_corr = PearsonCorrCoef(num_outputs=hidden_width)
         self._sums: Sums | None = None
+        self._stage = 0
 
     def _validate_arguments(self) -> None:
         hp = self.hparams
@@ -175,13 +181,40 @@ class LayerwiseThreeLayer(PolynomialRegressionModule):
         # Every stage applies a closed-form update at its epoch end, so there is no optimizer.
         return None
 
+    @torch.no_grad()
+    def reset_to_stage(self, stage: int) -> None:
+        """Mark ``stage`` and the stages after it as not done, so the next fit reruns them.
+
+        ``reset_to_stage(2)`` keeps the learned feature and refits only the link, for
+        example on new samples. ``reset_to_stage(0)`` restores the initial network (W = 0).
+
+        Raises:
+            ValueError: If ``stage`` is not 0, 1 or 2.
+        """
+        if stage not in (FEATURE_STEP, CALIBRATION, LINK_FIT):
+            raise ValueError(f"stage must be 0, 1 or 2, got stage={stage!r}.")
+        if stage == FEATURE_STEP:
+            hp = self.hparams
+            initial = ThreeLayerNetwork(
+                hp.input_dim,
+                hp.feature_width,
+                hp.hidden_width,
+                hp.feature_activation,
+                hp.activation,
+                hp.seed,
+            ).to(self.device)
+            self.net.load_state_dict(initial.state_dict())
+        self.completed_stages.fill_(min(stage, int(self.completed_stages)))
+
     def on_fit_start(self) -> None:
+        remaining = NUM_STAGES - int(self.completed_stages)
         max_epochs = self.trainer.max_epochs
-        if max_epochs is not None and 0 <= max_epochs < NUM_STAGES:
+        if max_epochs is not None and 0 <= max_epochs - self.current_epoch < remaining:
             raise ValueError(
-                f"trainer.max_epochs={max_epochs} is too small: layerwise training takes "
-                f"{NUM_STAGES} epochs (feature step, calibration, link fit). Set "
-                f"--trainer.max_epochs {NUM_STAGES}."
+                f"trainer.max_epochs={max_epochs} is too small: layerwise training needs "
+                f"{remaining} more epochs (one per stage: feature step, calibration, link "
+                f"fit) after epoch {self.current_epoch}. Set --trainer.max_epochs "
+                f"{self.current_epoch + remaining}."
             )
         datamodule = getattr(self.trainer, "datamodule", None)
         for name in ("input_dim", "feature_degree"):
@@ -193,18 +226,13 @@ class LayerwiseThreeLayer(PolynomialRegressionModule):
                 )
 
     def on_train_epoch_start(self) -> None:
-        stage = self.current_epoch
-        if stage < NUM_STAGES and int(self.completed_stages) != stage:
-            # NOTE: the per-epoch sums are not checkpointed, so a run can resume only from a
-            # checkpoint taken at an epoch end.
-            raise RuntimeError(
-                f"Epoch {stage} expects {stage} completed stages but the model has "
-                f"{int(self.completed_stages)}; resume from an end-of-epoch checkpoint."
-            )
+        # NOTE: the sums of a stage in progress are not checkpointed, so a checkpoint taken
+        # mid-epoch resumes with that stage's sums missing the batches before it.
+        self._stage = int(self.completed_stages)
         self._sums = None
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:
-        stage = self.current_epoch
+        stage = self._stage
         if stage >= NUM_STAGES:
             return
         part = FEATURE_PART if stage == FEATURE_STEP else LINK_PART
@@ -224,7 +252,7 @@ class LayerwiseThreeLayer(PolynomialRegressionModule):
         self._sums = add_sums(self._sums, sums)
 
     def on_train_epoch_end(self) -> None:
-        stage = self.current_epoch
+        stage = self._stage
         if stage < NUM_STAGES and int(self.completed_stages) == stage:
             # Reached only when this epoch ran no training batch at all.
             self._finish_stage(stage)
