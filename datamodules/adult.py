@@ -334,6 +334,11 @@ class AdultDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Return the training loader: seeded shuffled batches, or one full batch."""
         self.setup("fit")
+        assert self.train_set is not None
+        # setup() may have run before a multi-process trainer was attached, so trim again.
+        kept = self._trim_for_processes(np.arange(len(self.train_set)))
+        if len(kept) < len(self.train_set):
+            self.train_set = TensorDataset(*(t[: len(kept)] for t in self.train_set.tensors))
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

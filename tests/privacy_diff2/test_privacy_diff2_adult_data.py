@@ -138,3 +138,13 @@ def test_full_batch_shards_are_disjoint(shared_data: Path) -> None:
         assert len(batches) == 1
         assert torch.equal(batches[0][0], features[rank::2])
         assert torch.equal(batches[0][1], labels[rank::2])
+
+
+def test_trainer_attached_after_setup_trims(shared_data: Path) -> None:
+    module = AdultDataModule(data_dir=str(shared_data), batch_size=-1, val_fraction=0.1)
+    module.setup()
+    assert len(module.train_set) % 2 == 1, "32561 - 3256 = 29305 records before trimming"
+    module.trainer = SimpleNamespace(world_size=2)
+    loader = module.train_dataloader()
+    assert len(loader.dataset) == 29304
+    assert len(module.train_tensors()[0]) == 29304
