@@ -124,6 +124,7 @@ def test_recovers_after_rejected_non_finite_step() -> None:
         ({"y0": [[1.0]]}, TypeError, "y0 must be a torch.Tensor"),
         ({"func": "not callable"}, TypeError, "func must be callable"),
         ({"func": lambda t, y: y[:, :1]}, ValueError, r"returned \(2, 1\) for a state of"),
+        ({"func": lambda t, y: y.double()}, ValueError, "returned torch.float64 on cpu"),
     ],
 )
 def test_invalid_arguments_are_rejected(kwargs: dict, error: type, pattern: str) -> None:

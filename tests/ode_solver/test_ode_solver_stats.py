@@ -157,3 +157,16 @@ def test_multi_dimensional_state_keeps_its_shape() -> None:
 
     assert solution.ys.shape == (3, 3, 2, 4)
     torch.testing.assert_close(solution.ys[-1], y0 * torch.exp(torch.tensor(-1.0)).double())
+
+
+def test_many_output_times_off_zero() -> None:
+    # Outputs on [-3, 2], several per step of the slow sample, none at a step boundary.
+    rates = torch.tensor([[-0.3], [-7.0]], dtype=torch.float64)
+    y0 = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    times = torch.linspace(-3.0, 2.0, 41, dtype=torch.float64)
+
+    solution = solve_ivp(lambda t, y: rates * y, y0, times, rtol=1e-8, atol=1e-10)
+
+    exact = y0 * torch.exp(rates * (times - times[0])[:, None, None])
+    torch.testing.assert_close(solution.ys, exact, rtol=0.0, atol=1e-8)
+    assert solution.stats.n_accepted_per_sample[0] < 40

@@ -70,6 +70,12 @@ class _FlatField:
                 f"func(t, y) returned {got} for a state of shape {tuple(self.shape)}; the vector "
                 "field must return dy/dt with the shape of y."
             )
+        if out.dtype != y.dtype or out.device != y.device:
+            raise ValueError(
+                f"func(t, y) returned {out.dtype} on {out.device} for a state of {y.dtype} on "
+                f"{y.device}; return dy/dt with the dtype and device of y (for example by "
+                "casting the vector field's parameters with .to(y0))."
+            )
         return out.reshape(self.flat_shape)
 
 
