@@ -222,3 +222,30 @@ def test_invalid_settings_raise(overrides: dict, match: str) -> None:
     settings.update(overrides)
     with pytest.raises(ValueError, match=match):
         Diff2(make_net(), summed_logistic_loss, **settings)
+
+
+@pytest.mark.parametrize("interval", [1, 4])
+def test_huge_noise_destroys_accuracy(interval: int) -> None:
+    # If the noise were not applied, a huge multiplier would leave training unchanged.
+    inputs, targets = make_problem(num_records=400)
+    accuracies = {}
+    for sigma in (0.0, 1e4):
+        net = make_net()
+        algorithm = Diff2(
+            net,
+            summed_logistic_loss,
+            lr=1.0,
+            restart_interval=interval,
+            clip_restart=1.0,
+            noise_multiplier_restart=sigma,
+            noise_multiplier_difference=sigma,
+            clip_difference=0.5,
+        )
+        simulate_diff2(
+            algorithm, [(inputs[::2], targets[::2]), (inputs[1::2], targets[1::2])], 20, 0
+        )
+        with torch.no_grad():
+            predictions = (net(inputs).squeeze(-1) > 0).to(torch.float64)
+        accuracies[sigma] = (predictions == targets).double().mean().item()
+    assert accuracies[0.0] > 0.85
+    assert accuracies[1e4] < 0.75
