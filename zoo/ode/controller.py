@@ -1,8 +1,8 @@
-"""Step-size selection for the adaptive solver: the initial step and a PI controller.
+"""Step-size selection for the adaptive solver: the initial step and the step-size controller.
 
-The controller's decisions (accept or reject, next step size) carry no gradient: the initial
-step is computed under ``torch.no_grad`` and the PI controller works on float64 NumPy arrays on
-the host. Gradients flow through the states and error estimates that the solver computes with
+The controller's decisions (accept or reject, next step size) carry no gradient. The initial
+step is computed under ``torch.no_grad``, and :class:`PIController` works on float64 NumPy arrays
+on the host. Gradients flow through the states and error estimates that the solver computes with
 these step sizes, not through the step sizes themselves.
 """
 
