@@ -77,11 +77,20 @@ def main() -> None:
         "--export", nargs="*", default=[], help="models to export as pretrained checkpoints"
     )
     parser.add_argument("--results", default=None, help="append JSON lines to this file")
+    parser.add_argument(
+        "--skip-training",
+        action="store_true",
+        help="evaluate the runs already in --runs instead of training",
+    )
     args, extra_args = parser.parse_known_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     for name in args.models:
-        checkpoint_path, seconds = train(name, args.data_dir, Path(args.runs), extra_args)
+        if args.skip_training:
+            checkpoint_path = Path(args.runs) / name / "checkpoints" / "last.ckpt"
+            seconds = float("nan")
+        else:
+            checkpoint_path, seconds = train(name, args.data_dir, Path(args.runs), extra_args)
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         model = Classifier(**checkpoint["hyper_parameters"])
         model.load_state_dict(checkpoint["state_dict"])

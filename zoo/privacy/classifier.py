@@ -76,8 +76,7 @@ class Classifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
         x, y = batch
         loss = F.cross_entropy(self(x), y)
-        # Not synchronised across processes: with DP-SGD's random physical batch counts the
-        # processes may run different numbers of steps, and a per-step collective would hang.
+        # Rank zero's loss only: synchronising it would add a collective to every step.
         self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=len(y))
         return loss
 

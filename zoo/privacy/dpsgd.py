@@ -176,6 +176,8 @@ class DPSGD(Callback):
         self._trainer_epochs: int | None = None
         self._budget_end: int | None = None
         self._budget_message_sent = False
+        self._steps_at_epoch_start = 0
+        self._last_reported_step = 0
         self._epsilon_cache: tuple[tuple, float] | None = None
 
     # ----------------------------------------------------------------------------------
@@ -399,9 +401,28 @@ class DPSGD(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        """Count down the budget and stop training when the next step would exceed it."""
+        """Stop training when the next step would exceed the budget, and report progress.
+
+        With physical batches Lightning cannot know the number of batches per epoch, so its
+        progress output stays silent; this logs every tenth of the epoch's private steps.
+        """
         if self._budget_spent():
             self._stop(trainer)
+        if self.max_physical_batch_size is None or self.train_loader is None:
+            return
+        done = self.steps - self._steps_at_epoch_start
+        total = self.train_loader.steps_per_epoch
+        if done != self._last_reported_step and done % max(1, total // 10) == 0:
+            self._last_reported_step = done
+            rank_zero_info(
+                f"DP-SGD: epoch {trainer.current_epoch}, private step {done}/{total}, "
+                f"{batch_idx + 1} physical batches"
+            )
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remember the step count at the epoch start, for progress reports."""
+        self._steps_at_epoch_start = self.steps
+        self._last_reported_step = 0
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log epsilon (at ``target_delta``) and the number of private steps."""
