@@ -261,7 +261,7 @@ class LinearStackGradients:
         return torch.cat([pieces[name].reshape(-1) for name in self.flat.names])
 
     def _squared_norms(self, trace: _LinearTrace) -> Tensor:
-        total = torch.zeros(len(trace.inputs[0]), dtype=trace.inputs[0].dtype)
+        total = torch.zeros_like(trace.inputs[0][:, 0])
         for index in range(len(self.linear_names)):
             b_sq = trace.output_grads[index].pow(2).sum(dim=1)
             a_sq = trace.inputs[index].pow(2).sum(dim=1)
@@ -269,7 +269,7 @@ class LinearStackGradients:
         return total
 
     def _squared_difference_norms(self, now: _LinearTrace, before: _LinearTrace) -> Tensor:
-        total = torch.zeros(len(now.inputs[0]), dtype=now.inputs[0].dtype)
+        total = torch.zeros_like(now.inputs[0][:, 0])
         for index in range(len(self.linear_names)):
             a, b = now.inputs[index], now.output_grads[index]
             a_old, b_old = before.inputs[index], before.output_grads[index]
@@ -331,16 +331,24 @@ def gaussian_noise(
 
     Drawing tensor by tensor with ``torch.normal`` in the parameters' order consumes the
     generator exactly as Opacus' ``DPOptimizer.add_noise`` does (without ``secure_mode``).
+    The noise is drawn on the generator's device (the CPU for :func:`round_generator`) and
+    then moved to the device of ``like``.
     """
     if std == 0.0:
         return torch.zeros_like(like)
+    device = generator.device if generator is not None else like.device
     pieces = [
         torch.normal(
-            mean=0.0, std=std, size=tuple(shape), generator=generator, dtype=like.dtype
+            mean=0.0,
+            std=std,
+            size=tuple(shape),
+            generator=generator,
+            dtype=like.dtype,
+            device=device,
         ).reshape(-1)
         for shape in flat.shapes
     ]
-    return torch.cat(pieces)
+    return torch.cat(pieces).to(like.device)
 
 
 def round_generator(noise_seed: int, worker: int, round_index: int) -> torch.Generator:

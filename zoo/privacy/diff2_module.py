@@ -109,6 +109,9 @@ class Diff2Classifier(pl.LightningModule):
     adjacency, as :mod:`zoo.privacy.diff2_accounting` explains. Without it, both
     multipliers must be given. The spent epsilon is logged as ``privacy/epsilon`` after every round.
 
+    NOTE: only the CPU path (gloo) is tested. On GPUs the messages are summed with NCCL
+    and the noise is drawn on the CPU and moved, but no GPU run has checked this.
+
     NOTE: the noise comes from ``torch.Generator`` (Mersenne Twister), which is not a
     cryptographically secure generator, and a fixed ``noise_seed`` makes the noise
     reproducible by anyone who knows it. Leave ``noise_seed=None`` for a private release.
@@ -288,6 +291,12 @@ class Diff2Classifier(pl.LightningModule):
             )
         seed = self.hparams.noise_seed
         self._noise_base_seed = secrets.randbits(63) if seed is None else int(seed)
+        # A restored server state arrives on the CPU; the parameters may be on an accelerator.
+        state = self.algorithm
+        if state.estimate is not None:
+            state.estimate = state.estimate.to(self.device)
+        if state.previous_params is not None:
+            state.previous_params = state.previous_params.to(self.device)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Run one DIFF2 round: local message, sum over processes, server update."""
@@ -304,7 +313,7 @@ class Diff2Classifier(pl.LightningModule):
         message = self.algorithm.worker_message(inputs, targets, generator)
 
         total = all_reduce_sum(message.vector.clone())
-        counts = torch.tensor([message.num_records, 1], dtype=torch.float64)
+        counts = torch.tensor([message.num_records, 1], dtype=torch.float64, device=total.device)
         all_reduce_sum(counts)
         num_records, num_workers = int(counts[0].item()), int(counts[1].item())
         estimate = self.algorithm.server_update(total, num_records, message.restart)
