@@ -348,7 +348,9 @@ def integrate_adaptive(
                 # Every crossed output time is the end of the step (always true for t[-1]).
                 values = y
             else:
-                theta = np.where(crossing, (remaining_old - next_remaining) / h_step, 0.0)
+                theta = np.divide(
+                    remaining_old - next_remaining, h_step, out=np.zeros(m), where=crossing
+                )
                 values = _interpolate(
                     y_old,
                     stages,
