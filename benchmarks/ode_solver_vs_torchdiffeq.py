@@ -163,6 +163,7 @@ def parse_args() -> argparse.Namespace:
         "inference: under torch.no_grad; train: solve plus backward pass.",
     )
     args = parser.parse_args()
+
     for name in ("batch", "dim", "hidden", "rounds", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}={getattr(args, name)} is invalid; use an integer >= 1.")

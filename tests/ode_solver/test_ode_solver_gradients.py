@@ -75,7 +75,7 @@ def test_parameter_gradient_matches_finite_differences() -> None:
 @pytest.mark.parametrize("method", ["tsit5", "dopri5"])
 def test_step_estimates_gradient_matches_finite_differences(method: str) -> None:
     # The estimates are differentiated at the step size the controller chose, so the check
-    # holds the step size fixed and differentiates one step.
+    # keeps the step size fixed and differentiates one step.
     field = make_field()
     y0 = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     y0.requires_grad_(True)

@@ -115,12 +115,14 @@ def _dopri5_interpolation(b: tuple[float, ...]) -> np.ndarray:
         ]
     )
     b_vec = np.asarray(b)
+
     e1 = np.eye(7)[0]
     e7 = np.eye(7)[6]
     r1 = b_vec
     r2 = e1 - b_vec
     r3 = 2.0 * b_vec - e1 - e7
     r4 = d
+
     theta = [0.0, 1.0]
     one_minus = [1.0, -1.0]
     basis = [
