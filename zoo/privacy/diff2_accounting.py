@@ -9,7 +9,9 @@ Opacus' :class:`~opacus.accountants.RDPAccountant` composes them and converts th
 curve to ``(epsilon, delta)``.
 
 Each worker adds its own noise before sending, so every worker's message is private on
-its own and the server need not be trusted.
+its own and the server need not be trusted. The total record count ``N`` that the server
+divides by is treated as public, as Opacus does when it derives the expected batch size
+from the dataset length.
 """
 
 from __future__ import annotations
