@@ -116,8 +116,8 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     records = run_study(args.results, args.dims, args.sample_sizes, args.seeds, args.methods)
-    wanted = {(m, d, n) for m in args.methods for d in args.dims for n in args.sample_sizes}
-    rows = [r for r in summarize(records) if (r["method"], r["d"], r["n"]) in wanted]
+    requested = {(m, d, n) for m in args.methods for d in args.dims for n in args.sample_sizes}
+    rows = [r for r in summarize(records) if (r["method"], r["d"], r["n"]) in requested]
     print(format_table(rows))
 
     estimates = threshold_sample_sizes(rows, args.threshold)
@@ -125,10 +125,10 @@ def main() -> None:
     print(f"\nn* = smallest n with mean test NMSE <= {args.threshold} (interpolated):")
     for method in args.methods:
         by_dim = {d: estimates.get((method, d)) for d in args.dims}
-        shown = ", ".join(
+        formatted = ", ".join(
             f"d={d}: {'not reached' if n is None else f'{n:.0f}'}" for d, n in by_dim.items()
         )
-        print(f"  {METHOD_LABELS[method]}: {shown}")
+        print(f"  {METHOD_LABELS[method]}: {formatted}")
         reached = {d: n for d, n in by_dim.items() if n is not None}
         for d, n in reached.items():
             metrics[f"{method}/n_star_d{d}"] = n

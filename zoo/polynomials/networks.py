@@ -26,7 +26,7 @@ __all__ = ["RandomFeatures", "ThreeLayerNetwork", "TwoLayerNetwork", "num_degree
 def num_degree_features(input_dim: int, degree: int) -> int:
     """Return the number of monomials of exactly ``degree`` in ``input_dim`` variables.
 
-    This is the dimension of the space that holds the degree-k part of the target, so a
+    This is the dimension of the space that contains the degree-k part of the target, so a
     random-feature layer narrower than this cannot represent a generic degree-k feature.
     """
     return math.comb(input_dim + degree - 1, degree)

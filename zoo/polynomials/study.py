@@ -57,8 +57,8 @@ class StudySettings:
         feature_degree: Degree k of p.
         link_coefficients: Hermite coefficients of the link g.
         num_test_samples: Size of each fresh test set.
-        feature_fraction: Share of the n samples that the layerwise method spends on
-            stage 1 (D1); the rest is D2.
+        feature_fraction: Share of the n samples used for stage 1 of the layerwise method
+            (D1). The rest form D2.
         feature_width: Frozen random features m2 of the three-layer network.
         hidden_width: Middle width m1 of the three-layer network.
         random_feature_count: Number of random features of the ridge baseline.
@@ -137,8 +137,8 @@ def run_cell(
     """Train one method on one draw of the data and return its test metrics.
 
     The target, the training sample and the test sample depend only on
-    ``(input_dim, seed)`` and ``num_samples``, so every method of a cell sees the same
-    data.
+    ``(input_dim, seed)`` and ``num_samples``, so every method of a cell gets the same
+    data for training and testing.
 
     Returns:
         A dict with the cell's key, ``nmse`` (normalised test MSE), ``seconds`` (wall

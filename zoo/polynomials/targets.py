@@ -90,6 +90,29 @@ def validate_link_coefficients(
     return coefficients
 
 
+def _validate_sizes(input_dim: int, feature_degree: int, num_directions: int) -> None:
+    if not isinstance(input_dim, int) or input_dim < 1:
+        raise ValueError(f"input_dim must be a positive integer, got input_dim={input_dim!r}.")
+    if not isinstance(feature_degree, int) or feature_degree < 1:
+        raise ValueError(
+            f"feature_degree must be an integer >= 1, got feature_degree={feature_degree!r}."
+        )
+    if not isinstance(num_directions, int) or not feature_degree <= num_directions <= input_dim:
+        raise ValueError(
+            f"num_directions must be an integer in [feature_degree={feature_degree}, "
+            f"input_dim={input_dim}] because each term multiplies feature_degree distinct "
+            f"orthonormal directions, got num_directions={num_directions!r}."
+        )
+    if feature_degree > 1 and num_directions < MIN_GAUSSIAN_DIRECTIONS:
+        logger.warning(
+            "num_directions=%d < %d: p is far from Gaussian, so the degree-%d part of "
+            "g(p) is not close to E[g'(z)] * p and feature learning may miss p.",
+            num_directions,
+            MIN_GAUSSIAN_DIRECTIONS,
+            feature_degree,
+        )
+
+
 class HierarchicalPolynomial(nn.Module):
     """A seeded target ``h = g(p(x))`` with a degree-k feature p and a degree-q link g.
 
@@ -119,34 +142,16 @@ class HierarchicalPolynomial(nn.Module):
         require_linear_term: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(input_dim, int) or input_dim < 1:
-            raise ValueError(f"input_dim must be a positive integer, got input_dim={input_dim!r}.")
-        if not isinstance(feature_degree, int) or feature_degree < 1:
-            raise ValueError(
-                f"feature_degree must be an integer >= 1, got feature_degree={feature_degree!r}."
-            )
         if num_directions is None:
             num_directions = input_dim
-        if not isinstance(num_directions, int) or not feature_degree <= num_directions <= input_dim:
-            raise ValueError(
-                f"num_directions must be an integer in [feature_degree={feature_degree}, "
-                f"input_dim={input_dim}] because each term multiplies feature_degree distinct "
-                f"orthonormal directions, got num_directions={num_directions!r}."
-            )
-        if feature_degree > 1 and num_directions < MIN_GAUSSIAN_DIRECTIONS:
-            logger.warning(
-                "num_directions=%d < %d: p is far from Gaussian, so the degree-%d part of "
-                "g(p) is not close to E[g'(z)] * p and feature learning may miss p.",
-                num_directions,
-                MIN_GAUSSIAN_DIRECTIONS,
-                feature_degree,
-            )
+        _validate_sizes(input_dim, feature_degree, num_directions)
         self.input_dim = input_dim
         self.feature_degree = feature_degree
         self.num_directions = num_directions
         self.link_coefficients = validate_link_coefficients(
             link_coefficients, require_linear_term=require_linear_term
         )
+
         # With r == k every cyclic window is the same set, so p has a single term.
         num_terms = num_directions if num_directions > feature_degree else 1
         windows = [
