@@ -76,7 +76,7 @@ class ODEStatsCallback(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log_epoch("train", trainer, pl_module)
-        if self.plot and self.history["train"]:
+        if self.plot and self.history["train"] and trainer.is_global_zero:
             log_figure(trainer, "ode/nfe", self.nfe_figure())
 
     def nfe_figure(self) -> Any:
