@@ -164,3 +164,7 @@ class BreastCancerBilevelDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Return one batch: the whole test set as outer rows."""
         return self._whole_split_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """Return one batch: the whole test set as outer rows (labels are ignored)."""
+        return self._whole_split_loader("test")

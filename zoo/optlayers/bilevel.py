@@ -154,6 +154,17 @@ class BilevelLogisticRegression(pl.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Return the probability of label 1 (benign) for each outer row of ``batch``.
+
+        The inner regression is fit on the batch's inner set with the learned regularization.
+        """
+        self._check_batch(batch)
+        weights = self.inner_weights(
+            batch["inner_features"], batch["inner_labels"], differentiable=False
+        )
+        return torch.sigmoid(self(batch["outer_features"], weights))
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -161,6 +162,11 @@ class DatasetDistillation(pl.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Return the predicted class of each real image; labels in the batch are ignored."""
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).argmax(dim=-1)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

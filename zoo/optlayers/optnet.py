@@ -10,6 +10,7 @@ Kolter, "OptNet: Differentiable Optimization as a Layer in Neural Networks", ICM
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -149,6 +150,11 @@ class QPNetClassifier(pl.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Return the predicted class of each example; labels in the batch are ignored."""
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).argmax(dim=-1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(
