@@ -69,7 +69,7 @@ def config_path(name: str) -> Path:
         KeyError: if ``name`` is not registered; the message suggests the closest names.
     """
     path = config_dir() / f"{name}.yaml"
-    if not path.is_file():
+    if "/" in name or "\\" in name or not path.is_file():
         raise _unknown_name_error("model", name, list_models())
     return path
 
@@ -161,13 +161,43 @@ def _load_matching(module: torch.nn.Module, state_dict: Mapping[str, torch.Tenso
     module.load_state_dict(kept, strict=False)
 
 
+MANIFEST_KEYS = ("file", "sha256")
+
+
 def read_manifest(name: str) -> dict[str, Any]:
-    """Return the JSON manifest of the pretrained checkpoint ``name``."""
+    """Return the JSON manifest of the pretrained checkpoint ``name``.
+
+    Raises:
+        KeyError: if no checkpoint has that name; the message suggests the closest names.
+        ValueError: if the manifest is not valid JSON, lacks ``file`` or ``sha256``, or its
+            ``file`` is not a plain file name inside the checkpoint folder.
+    """
     path = checkpoint_dir() / f"{name}.json"
-    if not path.is_file():
+    if "/" in name or "\\" in name or not path.is_file():
         raise _unknown_name_error("pretrained checkpoint", name, list_pretrained())
-    with open(path) as handle:
-        return json.load(handle)
+    try:
+        with open(path) as handle:
+            manifest = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"Manifest {path} is not valid JSON ({error}); reinstall the package or "
+            "re-export the checkpoint with zoo.hub.export_pretrained."
+        ) from error
+    if not isinstance(manifest, dict):
+        raise ValueError(f"Manifest {path} must be a JSON object, got {type(manifest).__name__}.")
+    missing = [key for key in MANIFEST_KEYS if not isinstance(manifest.get(key), str)]
+    if missing:
+        raise ValueError(
+            f"Manifest {path} lacks the string field(s) {missing}; re-export the checkpoint "
+            "with zoo.hub.export_pretrained."
+        )
+    file_name = manifest["file"]
+    if Path(file_name).name != file_name or file_name in ("", ".", ".."):
+        raise ValueError(
+            f"Manifest {path} names the file {file_name!r}, which is not a plain file name "
+            "in the checkpoint folder; the weights must sit beside the manifest."
+        )
+    return manifest
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -202,7 +232,7 @@ def verify_checkpoint(path: str | os.PathLike, expected_sha256: str) -> None:
         ValueError: naming the file and both hashes when they differ.
     """
     actual = sha256_file(path)
-    if actual != expected_sha256:
+    if actual != expected_sha256.lower():
         raise ValueError(
             f"Checkpoint {path} failed verification: manifest sha256 {expected_sha256}, "
             f"file sha256 {actual}. The file is truncated, corrupted or replaced; reinstall "
@@ -241,7 +271,7 @@ def load_pretrained(name: str, map_location: str | torch.device = "cpu") -> torc
     path = _resolve_checkpoint_file(manifest)
     verify_checkpoint(path, manifest["sha256"])
     payload = load_checkpoint_file(path)
-    cls = import_class(payload["class_path"])
+    cls = _import_module_class(payload["class_path"], path)
     module = cls(**payload["hyper_parameters"])
     module.load_state_dict(payload["state_dict"], strict=True)
     extra = payload.get("extra") or {}
@@ -249,6 +279,21 @@ def load_pretrained(name: str, map_location: str | torch.device = "cpu") -> torc
         module.on_load_pretrained_extra(extra)
     module.zoo_pretrained = {"name": name, "extra": extra, "metric": manifest.get("metric")}
     return module.to(map_location).train()
+
+
+def _import_module_class(class_path: Any, path: str | os.PathLike) -> type[torch.nn.Module]:
+    # The class is called with the checkpoint's hyperparameters, so anything other than an
+    # nn.Module subclass (os.system, say) would run code chosen by whoever wrote the file.
+    if not isinstance(class_path, str):
+        raise ValueError(f"Checkpoint {path} has a non-string class_path {class_path!r}.")
+    cls = import_class(class_path)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise ValueError(
+            f"Checkpoint {path} names class_path {class_path!r}, which is not a torch.nn.Module "
+            "subclass; the file is not a zoo checkpoint. Re-export it with "
+            "zoo.hub.export_pretrained."
+        )
+    return cls
 
 
 def _check_plain(value: Any, where: str) -> None:

@@ -152,3 +152,63 @@ def test_every_shipped_checkpoint_verifies() -> None:
         hub.verify_checkpoint(path, manifest["sha256"])
         assert manifest["model"] in zoo.list_models(), f"{name} names unknown model"
         assert {"name", "value", "data", "protocol"} <= set(manifest["metric"])
+
+
+def _rewrite_payload(folder: Path, **changes: object) -> None:
+    weights = folder / "iris-test.pt"
+    payload = torch.load(weights, weights_only=True)
+    payload.update(changes)
+    torch.save(payload, weights)
+    manifest_path = folder / "iris-test.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["sha256"] = hub.sha256_file(weights)
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def test_class_path_must_name_a_module(checkpoint_folder: Path, tmp_path: Path) -> None:
+    # A checkpoint whose hash matches its manifest still must not call an arbitrary function
+    # with its hyperparameters as keyword arguments.
+    _export_iris(checkpoint_folder)
+    marker = tmp_path / "ran"
+    _rewrite_payload(
+        checkpoint_folder, class_path="os.system", hyper_parameters={"command": f"touch {marker}"}
+    )
+    with pytest.raises(ValueError, match="'os.system', which is not a torch.nn.Module"):
+        zoo.load_pretrained("iris-test")
+    assert not marker.exists()
+    _rewrite_payload(checkpoint_folder, class_path="builtins.dict")
+    with pytest.raises(ValueError, match="'builtins.dict'"):
+        zoo.load_pretrained("iris-test")
+
+
+def test_broken_manifest_names_the_file(checkpoint_folder: Path) -> None:
+    _export_iris(checkpoint_folder)
+    manifest_path = checkpoint_folder / "iris-test.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON") as error:
+        zoo.load_pretrained("iris-test")
+    assert str(manifest_path) in str(error.value)
+    manifest_path.write_text(json.dumps({k: v for k, v in manifest.items() if k != "sha256"}))
+    with pytest.raises(ValueError, match=r"lacks the string field\(s\) \['sha256'\]"):
+        zoo.load_pretrained("iris-test")
+    manifest_path.write_text(json.dumps({**manifest, "file": "../../etc/hostname"}))
+    with pytest.raises(ValueError, match="not a plain file name"):
+        zoo.load_pretrained("iris-test")
+
+
+def test_upper_case_manifest_hash_verifies(checkpoint_folder: Path) -> None:
+    _export_iris(checkpoint_folder)
+    manifest_path = checkpoint_folder / "iris-test.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "sha256": manifest["sha256"].upper()}))
+    assert isinstance(zoo.load_pretrained("iris-test"), IrisClassifier)
+
+
+def test_names_with_path_separators_are_unknown(checkpoint_folder: Path) -> None:
+    _export_iris(checkpoint_folder)
+    with pytest.raises(KeyError, match="Unknown pretrained checkpoint"):
+        zoo.load_pretrained("../checkpoints/iris-test")
+    registered = hub.list_models()[0]
+    with pytest.raises(KeyError, match="Unknown model"):
+        hub.config_path(f"../configs/{registered}")
