@@ -148,3 +148,13 @@ def test_unbatched_state_needs_shared_steps() -> None:
 def test_method_lookup_is_case_insensitive() -> None:
     assert get_tableau("Tsit5").name == "tsit5"
     assert stability_region_size("DOPRI5") == get_tableau("dopri5").stability_region_size
+
+
+@pytest.mark.parametrize("t_end", [100.0, 1e4])
+def test_long_float32_span_has_no_false_underflow(t_end: float) -> None:
+    # A zero derivative or a zero initial state gets a 1e-6 first step, which is far above the
+    # rounding level of t = 0 even though the span ends at a large time.
+    constant = solve_ivp(lambda t, y: torch.zeros_like(y), torch.ones(2, 1), [0.0, t_end])
+    assert torch.equal(constant.ys[-1], torch.ones(2, 1))
+    relaxing = solve_ivp(lambda t, y: 1.0 - y, torch.zeros(2, 1), [0.0, t_end])
+    torch.testing.assert_close(relaxing.ys[-1], torch.ones(2, 1), rtol=0, atol=1e-3)

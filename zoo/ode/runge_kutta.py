@@ -30,7 +30,7 @@ from zoo.ode.tableaus import ExplicitRKTableau, TableauTensors
 
 logger = logging.getLogger(__name__)
 
-# A step below this many units of roundoff of the largest time cannot advance the clock.
+# A step below this many units of roundoff of the current time cannot advance the clock.
 _UNDERFLOW_ULPS = 8.0
 
 # Reductions of bool arrays, without the Python-level wrappers of ndarray.any and .all.
@@ -208,7 +208,11 @@ def integrate_adaptive(
     batch, n = y.shape
     m = batch if per_sample_steps else 1
     t_start, t_end = float(output_times[0]), float(output_times[-1])
-    underflow_h = _UNDERFLOW_ULPS * torch.finfo(y.dtype).eps * max(abs(t_start), abs(t_end))
+    # Relative to each sample's current time, not to the span: near t = 0 a small step still
+    # advances the clock, and a long span in float32 would otherwise reject the small first
+    # step that a zero or tiny initial state gets.
+    underflow_ulps = _UNDERFLOW_ULPS * torch.finfo(y.dtype).eps
+    smallest_time = torch.finfo(y.dtype).tiny
     error_order = tableau.error_order
     n_stages = tableau.n_stages
     stage_fractions = np.asarray(tableau.c)[:, None]
@@ -365,9 +369,10 @@ def integrate_adaptive(
             next_remaining = remaining_at_output[next_output]
             crossing = accepted & (remaining <= next_remaining)
 
-        if np.minimum.reduce(h) < underflow_h:
+        t_now = t_end - remaining
+        underflow_h = underflow_ulps * np.maximum(np.abs(t_now), smallest_time)
+        if _any(h < underflow_h):
             underflow = h < underflow_h
-            t_now = t_end - remaining
             _raise_underflow(underflow, t_now, h, error_host, n_iterations, rtol, atol)
         if not _any(active):
             break
