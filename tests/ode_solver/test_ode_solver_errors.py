@@ -119,6 +119,7 @@ def test_recovers_after_rejected_non_finite_step() -> None:
         ({"per_sample_steps": 1}, TypeError, "per_sample_steps must be a bool"),
         ({"y0": torch.ones(3)}, ValueError, "y0.unsqueeze"),
         ({"y0": torch.ones(2, 1, dtype=torch.long)}, TypeError, "floating-point"),
+        ({"y0": torch.ones(2, 1, dtype=torch.bfloat16)}, TypeError, "torch.bfloat16, which"),
         ({"y0": torch.tensor([[float("inf")]])}, ValueError, "y0 contains NaN"),
         ({"y0": torch.ones(0, 2)}, ValueError, "y0 is empty"),
         ({"y0": [[1.0]]}, TypeError, "y0 must be a torch.Tensor"),

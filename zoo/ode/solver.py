@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 VectorField = Callable[[Tensor, Tensor], Tensor]
 
+_SUPPORTED_DTYPES = (torch.float16, torch.float32, torch.float64)
+
 
 def _check_positive(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -74,6 +76,12 @@ def _check_inputs(
         raise TypeError(f"y0 must be a torch.Tensor, got {type(y0).__name__}.")
     if not y0.is_floating_point():
         raise TypeError(f"y0 must have a real floating-point dtype, got {y0.dtype}.")
+    if y0.dtype not in _SUPPORTED_DTYPES:
+        # The solver's clock and error norms go through NumPy, which has no bfloat16 or float8.
+        raise TypeError(
+            f"y0 has dtype {y0.dtype}, which the solver does not support; convert it to "
+            "torch.float16, torch.float32 or torch.float64."
+        )
     if y0.numel() == 0:
         raise ValueError(f"y0 is empty (shape {tuple(y0.shape)}); pass at least one state.")
     if not isinstance(per_sample_steps, bool):
