@@ -152,7 +152,7 @@ def test_num_degree_features_counts_monomials() -> None:
     assert num_degree_features(8, 3) == 120
 
 
-def test_centred_features_have_zero_unit_mean() -> None:
+def test_centred_features_have_zero_mean() -> None:
     layer = RandomFeatures(8, 256, "hermite2", seed=0, center=True)
     features = layer(torch.randn(10, 8))
     torch.testing.assert_close(features.mean(dim=1), torch.zeros(10), atol=1e-6, rtol=0)

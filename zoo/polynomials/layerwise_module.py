@@ -178,7 +178,7 @@ class LayerwiseThreeLayer(PolynomialRegressionModule):
         validate_feature_activation(hp.feature_activation, hp.feature_degree)
 
     def configure_optimizers(self) -> None:
-        # Every stage applies a closed-form update at its epoch end, so there is no optimizer.
+        # Every stage applies a closed-form update after its last batch, so there is no optimizer.
         return None
 
     @torch.no_grad()
