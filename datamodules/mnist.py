@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import os
@@ -71,11 +72,26 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
 
 
+@functools.lru_cache(maxsize=4)
+def _read_split(
+    folder: Path, prefix: str, modified: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    # Decompressing the 47 MB of training images takes seconds, so repeated set-ups in
+    # one process (tests, sweeps) reuse the arrays. The files' modification times are part
+    # of the key, so a re-downloaded file is read again.
+    images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
+    labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")
+    return images, labels
+
+
 def load_mnist_split(folder: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Load one MNIST split as normalised float images ``[N, 1, 28, 28]`` and int64 labels."""
     prefix = "train" if train else "t10k"
-    images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
-    labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")
+    modified = tuple(
+        (folder / f"{prefix}-{kind}-ubyte.gz").stat().st_mtime_ns
+        for kind in ("images-idx3", "labels-idx1")
+    )
+    images, labels = _read_split(folder, prefix, modified)
     if images.shape[0] != labels.shape[0]:
         raise ValueError(
             f"MNIST {prefix} split in {folder} has {images.shape[0]} images but "
