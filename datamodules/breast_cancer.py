@@ -7,6 +7,7 @@ import logging
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from zoo.datamodules.sampling import seeded_loader
 
 logger = logging.getLogger(__name__)
 
@@ -144,11 +145,12 @@ class BreastCancerBilevelDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Return shuffled mini-batches of validation rows, each with the full inner set."""
         splits = self._require()
-        return DataLoader(
+        # Shuffled by seed and epoch, so a run resumed with --ckpt_path last sees the same
+        # batches as an uninterrupted one.
+        return seeded_loader(
             _OuterRows(*splits["val"]),
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
+            seed=self.seed,
             collate_fn=AttachInnerSet(*splits["inner"]),
         )
 

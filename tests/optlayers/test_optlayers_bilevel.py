@@ -128,3 +128,24 @@ def test_pretrained_checkpoint_reproduces_manifest(splits):
     # The tuned model beats the untuned start (every log-strength 0) on held-out data.
     untuned = evaluate_split(BilevelLogisticRegression(), splits, "test")
     assert metrics["loss"] < untuned["loss"]
+
+
+def _epoch_order(loader: torch.utils.data.DataLoader, epoch: int) -> list[torch.Tensor]:
+    loader.sampler.set_epoch(epoch)
+    return [batch["outer_labels"] for batch in loader]
+
+
+def test_training_order_depends_only_on_seed_and_epoch():
+    # A run resumed with --ckpt_path last builds a fresh loader and must see the batches of
+    # the epoch it resumes in, not those of epoch 0 again.
+    datamodule = BreastCancerBilevelDataModule()
+    datamodule.setup()
+    first = datamodule.train_dataloader()
+    _epoch_order(first, 0)
+    uninterrupted = _epoch_order(first, 1)
+    resumed = _epoch_order(datamodule.train_dataloader(), 1)
+    assert len(uninterrupted) == len(resumed)
+    for expected, actual in zip(uninterrupted, resumed, strict=True):
+        assert torch.equal(expected, actual)
+    epoch_zero = torch.cat(_epoch_order(datamodule.train_dataloader(), 0))
+    assert not torch.equal(torch.cat(resumed), epoch_zero)
