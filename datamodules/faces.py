@@ -1,7 +1,7 @@
 """Face datamodule for identity folders (``root/IDENTITY/IMAGE``), split by identity.
 
-Face recognition is open-set, so the split is by person: the first identities (in natural
-sort order, s2 before s10) train the classifier and the last ``num_val_identities`` are held
+Face recognition is open-set, so the split is by person. The first identities in natural
+sort order (s2 before s10) train the classifier. The last ``num_val_identities`` are held
 out for verification on all their genuine pairs plus an equal number of seeded impostor
 pairs. With ``val_bin`` set, an insightface ``.bin`` pair file is the verification set
 instead, and every identity folder trains.
@@ -22,7 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
@@ -310,12 +310,13 @@ class FaceDataModule(pl.LightningDataModule):
         left = torch.arange(count) * 2
         self.verification_pairs = torch.stack([left, left + 1, issame.long()], dim=1)
 
-    @rank_zero_only
     def _save_pairs(self) -> None:
         if self.trainer is None:
             return
+        # Trainer.log_dir broadcasts from rank zero, so every rank must read it.
         folder = self.trainer.log_dir or self.trainer.default_root_dir
-        save_pairs_csv(self.verification_pairs, self.val_names, Path(folder) / PAIRS_FILE)
+        if self.trainer.is_global_zero:
+            save_pairs_csv(self.verification_pairs, self.val_names, Path(folder) / PAIRS_FILE)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

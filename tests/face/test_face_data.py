@@ -50,7 +50,8 @@ def test_split_by_identity_in_natural_order(tmp_path: Path) -> None:
     assert {name.split("/")[0] for name in datamodule.val_names} == {"s9", "s10", "s11"}
     images, labels, index = datamodule.train_set[0]
     assert images.shape == (1, 16, 16)
-    assert -1.0 <= float(images.min()) and float(images.max()) <= 1.0
+    assert float(images.min()) >= -1.0
+    assert float(images.max()) <= 1.0
     pairs = datamodule.verification_pairs
     assert int(pairs[:, 2].sum()) == 3 * 3  # three genuine pairs per identity
     assert int((1 - pairs[:, 2]).sum()) == 9

@@ -124,7 +124,7 @@ def test_ddp_two_processes_uneven_shards(tmp_path: Path) -> None:
             "true",
         ),
         cwd=tmp_path,
-        timeout=300,
+        timeout=600,
     )
     rows = _metrics(run_dir)
     accuracy_rows = [r for r in rows if r.get("val/accuracy")]
