@@ -22,6 +22,7 @@ import torch
 
 from zoo.polynomials.study import (
     METHOD_LABELS,
+    StudySettings,
     fit_scaling_exponent,
     plot_study,
     run_study,
@@ -50,6 +51,14 @@ def parse_args() -> argparse.Namespace:
         nargs="+",
         default=["layerwise", "random_features", "two_layer"],
         help="methods to run",
+    )
+    parser.add_argument("--feature-degree", type=int, default=2, help="degree k of p")
+    parser.add_argument(
+        "--link",
+        type=float,
+        nargs="+",
+        default=[0.0, 1.0, 0.0, 1.0],
+        help="Hermite coefficients c_0 .. c_q of the link g",
     )
     parser.add_argument(
         "--threshold", type=float, default=0.25, help="normalised test MSE that defines n*"
@@ -115,7 +124,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args()
     torch.set_num_threads(args.threads)
-    records = run_study(args.results, args.dims, args.sample_sizes, args.seeds, args.methods)
+    settings = StudySettings(feature_degree=args.feature_degree, link_coefficients=tuple(args.link))
+    records = run_study(
+        args.results, args.dims, args.sample_sizes, args.seeds, args.methods, settings
+    )
     requested = {(m, d, n) for m in args.methods for d in args.dims for n in args.sample_sizes}
     rows = [r for r in summarize(records) if (r["method"], r["d"], r["n"]) in requested]
     print(format_table(rows))
