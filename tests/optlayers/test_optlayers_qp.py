@@ -176,3 +176,42 @@ def test_convex_layer_unbatched_failure_raises():
     layer = ConvexLayer(problem, parameters, variables)
     with pytest.raises(RuntimeError, match="solve failed"):
         layer(torch.zeros(2, dtype=DTYPE), torch.tensor([5.0], dtype=DTYPE))
+
+
+def test_singular_kkt_system_fails_only_its_element():
+    # Each bad element makes the interior-point Newton system singular, which used to raise
+    # from torch.linalg.lu_factor for the whole batch.
+    eye = torch.eye(3, dtype=DTYPE)
+    Q = torch.stack([eye, eye, torch.zeros(3, 3, dtype=DTYPE), eye])
+    q = torch.ones(4, 3, dtype=DTYPE, requires_grad=True)
+    ones = torch.ones(1, 3, dtype=DTYPE)
+    G = torch.stack([torch.cat([ones, -ones])] * 4)
+    h = torch.tensor([[0.5, 0.5], [-1.0, -1.0], [0.5, 0.5], [0.5, 0.5]], dtype=DTYPE)
+    # Element 1: sum(x) <= -1 and sum(x) >= 1. Element 2: Q = 0 and the equality x0 = 0
+    # twice, so the KKT matrix has dependent rows although the problem is feasible.
+    # Element 3: the equalities sum(x) = 0 and sum(x) = 1 contradict each other.
+    A = torch.zeros(4, 2, 3, dtype=DTYPE)
+    A[:, 0, 0] = 1.0
+    A[:, 1, 1] = 1.0
+    A[2, 1] = A[2, 0]
+    A[3] = torch.cat([ones, ones])
+    b = torch.zeros(4, 2, dtype=DTYPE)
+    b[3, 1] = 1.0
+    layer = QPLayer(maxiter=30)
+    x = layer(Q, q, G, h, A, b)
+    assert layer.last_solution.converged.tolist() == [True, False, False, False]
+    assert torch.equal(x[1:], torch.zeros(3, 3, dtype=DTYPE))
+    expected = torch.tensor([0.0, 0.0, -0.5], dtype=DTYPE)  # x0 = x1 = 0, |x2| <= 0.5
+    torch.testing.assert_close(x[0], expected, rtol=0, atol=1e-6)
+    x.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    assert torch.equal(q.grad[1:], torch.zeros(3, 3, dtype=DTYPE))
+    with pytest.raises(RuntimeError, match=r"batch indices \[1, 2, 3\]"):
+        QPLayer(maxiter=30, on_failure="raise")(Q, q, G, h, A, b)
+
+
+def test_qp_layer_rejects_bad_options():
+    with pytest.raises(TypeError, match="tol must be a number, got '1e-9'"):
+        QPLayer(tol="1e-9")
+    with pytest.raises(TypeError, match="maxiter must be an int, got 2.5"):
+        QPLayer(maxiter=2.5)

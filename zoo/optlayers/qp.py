@@ -93,8 +93,9 @@ def solve_qp_batch(
     be 0). Use :class:`QPLayer` for validation, broadcasting and gradients.
 
     Returns:
-        The solution; elements that did not reach ``tol`` within ``maxiter`` iterations (an
-        infeasible or unbounded problem, or a singular ``Q``) have ``converged == False``.
+        The solution; elements that did not reach ``tol`` within ``maxiter`` iterations, or
+        whose Newton system became singular (an infeasible or unbounded problem, a singular
+        ``Q``, linearly dependent rows of ``A``), have ``converged == False``.
     """
     batch, n = q.shape
     m = h.shape[-1]
@@ -105,11 +106,14 @@ def solve_qp_batch(
         hessian = Q + G.transpose(-1, -2) @ (weights.unsqueeze(-1) * G)
         top = torch.cat([hessian, A.transpose(-1, -2)], dim=-1)
         bottom = torch.cat([A, zeros_pp], dim=-1)
-        return torch.linalg.lu_factor(torch.cat([top, bottom], dim=-2))
+        # lu_factor_ex reports a singular matrix per element (info > 0) instead of raising for
+        # the whole batch. That element's solves then turn non-finite and it ends unconverged.
+        lu, pivots, info = torch.linalg.lu_factor_ex(torch.cat([top, bottom], dim=-2))
+        return lu, pivots, info != 0
 
     # Start from the minimizer of the objective plus ½||Gx - h||², then shift the slacks
     # into the interior.
-    lu, pivots = factor(torch.ones(batch, m, dtype=q.dtype, device=q.device))
+    lu, pivots, singular = factor(torch.ones(batch, m, dtype=q.dtype, device=q.device))
     start = torch.linalg.lu_solve(lu, pivots, torch.cat([-q + _bmtv(G, h), b], -1).unsqueeze(-1))
     x = start[:, :n, 0]
     y = torch.zeros(batch, p, dtype=q.dtype, device=q.device)
@@ -132,10 +136,11 @@ def solve_qp_batch(
                 mu,
             ]
         ).amax(0)
-        converged = residual <= tol
-        if bool(converged.all()):
+        converged = (residual <= tol) & ~singular
+        if bool((converged | singular).all()):
             break
-        lu, pivots = factor(z / s)
+        lu, pivots, singular_now = factor(z / s)
+        singular = singular | singular_now
 
         residuals = (r_dual, r_ineq, r_eq)
         _, _, ds_aff, dz_aff = _newton_direction(lu, pivots, G, s, z, residuals, -s * z)
@@ -151,7 +156,7 @@ def solve_qp_batch(
         y = y + alpha * dy
         s = s + alpha * ds
         z = z + alpha * dz
-    converged = converged & torch.isfinite(x).all(-1)
+    converged = converged & ~singular & torch.isfinite(x).all(-1)
     return QPSolution(x, y, z, s, converged, residual, iteration)
 
 
@@ -294,8 +299,12 @@ class QPLayer(torch.nn.Module):
 
     def __init__(self, tol: float = 1e-9, maxiter: int = 50, on_failure: str = "warn") -> None:
         super().__init__()
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+            raise TypeError(f"tol must be a number, got {tol!r}.")
         if not tol > 0:
             raise ValueError(f"tol must be positive, got {tol}.")
+        if isinstance(maxiter, bool) or not isinstance(maxiter, int):
+            raise TypeError(f"maxiter must be an int, got {maxiter!r}.")
         if maxiter < 1:
             raise ValueError(f"maxiter must be at least 1, got {maxiter}.")
         if on_failure not in ("warn", "raise"):
