@@ -26,6 +26,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import yaml
+from zoo.callbacks.ode_stats import ODEStatsCallback
 
 from zoo import hub
 
@@ -144,6 +145,12 @@ def run_variant(
         "train_nfe": counter.total,
         **evaluate(model, batches),
     }
+    history = [
+        callback.history["train"]
+        for callback in trainer.callbacks
+        if isinstance(callback, ODEStatsCallback)
+    ]
+    row["train_nfe_per_epoch"] = [nfe for _, nfe in history[0]] if history else []
     logger.info("%s: %s", name, row)
     if args.export_dir and name.endswith("-ernode"):
         export(model, name, row, args, dict(data.hparams))
@@ -214,6 +221,27 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot_nfe_per_epoch(rows: list[dict[str, Any]], path: Path) -> None:
+    """Save a figure of the mean training NFE per batch in every epoch, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    for row in rows:
+        values = row["train_nfe_per_epoch"]
+        axes.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=row["model"])
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("mean training NFE per batch")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="mnist")
@@ -228,6 +256,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--export-dir", help="export the ERNODE model as pretrained here")
+    parser.add_argument("--figure", type=Path, help="save a PNG of training NFE per epoch")
     parser.add_argument(
         "--set",
         action="append",
@@ -265,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
         row["predict_seconds"] = value
     table = format_table(rows)
     logger.info("\n%s", table)
+    if args.figure:
+        plot_nfe_per_epoch(rows, args.figure)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
