@@ -92,7 +92,9 @@ def main() -> None:
         else:
             checkpoint_path, seconds = train(name, args.data_dir, Path(args.runs), extra_args)
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        model = Classifier(**checkpoint["hyper_parameters"])
+        # LightningCLI adds "_class_path" and similar private keys to the saved hyperparameters.
+        hyper_parameters = checkpoint["hyper_parameters"]
+        model = Classifier(**{k: v for k, v in hyper_parameters.items() if not k.startswith("_")})
         model.load_state_dict(checkpoint["state_dict"])
         accuracy = test_accuracy(model, args.data_dir)
         privacy = checkpoint["privacy"]

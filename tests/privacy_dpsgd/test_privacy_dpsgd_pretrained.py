@@ -44,7 +44,8 @@ def test_dp_mnist_manifest_epsilon_matches_accountant() -> None:
 
 def test_zoo_list_shows_epsilon() -> None:
     process = run_zoo(["list", "dp-*"], cwd=REPO_ROOT, timeout=120)
-    line = next(line for line in process.stdout.splitlines() if line.strip().startswith(NAME))
+    pretrained = process.stdout.split("Pretrained checkpoints")[1]
+    line = next(line for line in pretrained.splitlines() if line.strip().startswith(NAME))
     assert "epsilon=" in line
     assert "delta=1.0e-05" in line
 
