@@ -227,12 +227,14 @@ def plot_nfe_per_epoch(rows: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(figsize=(5, 3.5))
     for row in rows:
         values = row["train_nfe_per_epoch"]
         axes.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=row["model"])
     axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("mean training NFE per batch")
     axes.grid(alpha=0.3)
     axes.legend()

@@ -82,6 +82,7 @@ class ODEStatsCallback(pl.Callback):
     def nfe_figure(self) -> Any:
         """Return a matplotlib figure of mean NFE per epoch (training and validation)."""
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         figure, axes = plt.subplots(figsize=(5, 3.5))
         for stage, points in self.history.items():
@@ -89,6 +90,7 @@ class ODEStatsCallback(pl.Callback):
                 epochs, values = zip(*points, strict=True)
                 axes.plot(epochs, values, marker="o", label=stage)
         axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel("mean NFE per batch")
         axes.set_title("Function evaluations of the ODE solver")
         axes.legend()
