@@ -215,3 +215,20 @@ def test_qp_layer_rejects_bad_options():
         QPLayer(tol="1e-9")
     with pytest.raises(TypeError, match="maxiter must be an int, got 2.5"):
         QPLayer(maxiter=2.5)
+
+
+def test_convex_layer_reports_non_finite_element():
+    # SCS rejects NaN data for the whole batch with an allocation error, so the layer
+    # must mark that element failed and solve the others.
+    problem, parameters, variables = box_projection_problem()
+    layer = ConvexLayer(problem, parameters, variables)
+    target = torch.tensor([[0.2, 0.1], [float("nan"), 0.0], [0.3, -0.4]], dtype=DTYPE)
+    lower = torch.zeros(3, 1, dtype=DTYPE)
+    (x,) = layer(target, lower)
+    assert layer.last_status.failed_indices == [1]
+    assert layer.last_status.messages[1] == "parameter values are NaN or infinite"
+    assert torch.equal(x[1], torch.zeros(2, dtype=DTYPE))
+    torch.testing.assert_close(x[0], target[0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(x[2], torch.tensor([0.35, -0.35], dtype=DTYPE), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match=r"Parameter param\d+ contains NaN or infinite"):
+        layer(target[0], torch.tensor([float("inf")], dtype=DTYPE))

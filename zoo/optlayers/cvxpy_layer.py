@@ -124,11 +124,39 @@ class ConvexLayer(torch.nn.Module):
             )
         return batch_sizes.pop() if batch_sizes else None
 
-    def _solve_each(self, values: tuple[torch.Tensor, ...], batch: int) -> tuple:
+    def _non_finite_elements(self, values: tuple[torch.Tensor, ...], batch: int | None):
+        """Return a per-element mask of NaN or infinite batched values.
+
+        Raises:
+            ValueError: if a parameter without a batch dimension has non-finite values,
+                because that would fail every element.
+        """
+        bad = torch.zeros(batch or 1, dtype=torch.bool, device=values[0].device)
+        for name, shape, value in zip(
+            self.parameter_names, self.parameter_shapes, values, strict=True
+        ):
+            finite = torch.isfinite(value.detach())
+            if value.dim() == len(shape):
+                if not bool(finite.all()):
+                    raise ValueError(
+                        f"Parameter {name} contains NaN or infinite values; pass finite values."
+                    )
+                continue
+            bad |= ~finite.reshape(value.shape[0], -1).all(dim=1)
+        return bad
+
+    def _solve_each(
+        self, values: tuple[torch.Tensor, ...], batch: int, skip: torch.Tensor
+    ) -> tuple:
         errors = _solver_errors()
         solved: list[tuple[torch.Tensor, ...] | None] = []
         messages: list[str] = []
         for index in range(batch):
+            if bool(skip[index]):
+                # The cone solver fails on NaN or infinite data without naming the element.
+                solved.append(None)
+                messages.append("parameter values are NaN or infinite")
+                continue
             element = tuple(
                 v[index : index + 1] if v.dim() == len(shape) + 1 else v
                 for v, shape in zip(values, self.parameter_shapes, strict=True)
@@ -161,18 +189,21 @@ class ConvexLayer(torch.nn.Module):
     def forward(self, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Solve for the given parameter values; returns one tensor per variable.
 
-        Failed elements of a batch come back as zeros (with zero gradient); their indices
-        are in :attr:`last_status` and in a logged warning. An unbatched call that fails
-        raises ``RuntimeError``.
+        Failed elements of a batch, including those with NaN or infinite parameter values,
+        come back as zeros (with zero gradient); their indices are in :attr:`last_status`
+        and in a logged warning. An unbatched call that fails raises ``RuntimeError``, and
+        non-finite values in a parameter without a batch dimension raise ``ValueError``.
         """
         batch = self._validate(values)
+        non_finite = self._non_finite_elements(values, batch)
+        finite = False
         try:
-            outputs = self.layer(*values, solver_args=self.solver_args)
-            finite = all(bool(torch.isfinite(o).all()) for o in outputs)
+            if not bool(non_finite.any()):
+                outputs = self.layer(*values, solver_args=self.solver_args)
+                finite = all(bool(torch.isfinite(o).all()) for o in outputs)
         except _solver_errors() as error:
             if batch is None:
                 raise RuntimeError(f"Convex layer solve failed: {error}") from error
-            finite = False
         if finite:
             size = 1 if batch is None else batch
             self.last_status = ConvexLayerStatus(
@@ -181,7 +212,7 @@ class ConvexLayer(torch.nn.Module):
             return tuple(outputs)
         if batch is None:
             raise RuntimeError("Convex layer solve returned non-finite values.")
-        outputs, status = self._solve_each(values, batch)
+        outputs, status = self._solve_each(values, batch, non_finite)
         self.last_status = status
         failed = status.failed_indices
         logger.warning(
