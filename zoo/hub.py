@@ -46,14 +46,21 @@ def checkpoint_dir() -> Path:
 
 def list_models(pattern: str = "*") -> list[str]:
     """Return the sorted names of registered models that match a shell-style ``pattern``."""
+    _check_pattern(pattern)
     names = (path.stem for path in config_dir().glob("*.yaml"))
     return sorted(name for name in names if fnmatch.fnmatchcase(name, pattern))
 
 
 def list_pretrained(pattern: str = "*") -> list[str]:
     """Return the sorted names of pretrained checkpoints that match ``pattern``."""
+    _check_pattern(pattern)
     names = (path.stem for path in checkpoint_dir().glob("*.json"))
     return sorted(name for name in names if fnmatch.fnmatchcase(name, pattern))
+
+
+def _check_pattern(pattern: object) -> None:
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a shell-style string such as 'face-*', got {pattern!r}.")
 
 
 def _unknown_name_error(kind: str, name: str, known: list[str]) -> KeyError:
@@ -135,7 +142,8 @@ def create_model(name: str, pretrained: bool = False, **overrides: Any) -> torch
         # so that e.g. a new number of classes keeps the pretrained backbone.
         fresh = cls(**{**dict(module.hparams), **overrides})
         _load_matching(fresh, module.state_dict())
-        return fresh
+        fresh.zoo_pretrained = module.zoo_pretrained
+        return fresh.train()
     return module
 
 

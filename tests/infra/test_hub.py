@@ -212,3 +212,21 @@ def test_names_with_path_separators_are_unknown(checkpoint_folder: Path) -> None
     registered = hub.list_models()[0]
     with pytest.raises(KeyError, match="Unknown model"):
         hub.config_path(f"../configs/{registered}")
+
+
+def test_pretrained_overrides_keep_provenance() -> None:
+    name = "opt-qpnet-digits"
+    model = zoo.create_model(name, pretrained=True, num_classes=3)
+    pretrained = zoo.load_pretrained(name)
+    assert model.hparams.num_classes == 3
+    assert model.zoo_pretrained["name"] == name
+    assert model.training
+    # The encoder keeps its pretrained weights; only the resized head starts fresh.
+    assert torch.equal(model.encoder[0].weight, pretrained.encoder[0].weight)
+
+
+def test_list_rejects_non_string_pattern() -> None:
+    with pytest.raises(TypeError, match="pattern must be a shell-style string"):
+        zoo.list_models(3)
+    with pytest.raises(TypeError, match="got None"):
+        zoo.list_pretrained(None)
