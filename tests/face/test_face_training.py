@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -150,8 +149,12 @@ def test_face_configs_share_seed_backbone_and_budget() -> None:
         assert arcface[section] == unpg[section], section
 
 
-@pytest.mark.parametrize("bad", ["--model.init_args.no_such_key", "--data.init_args.typo"])
-def test_unknown_config_key_rejected(tmp_path: Path, bad: str) -> None:
-    process = run_zoo(["train", "face-unpg", bad, "1"], cwd=tmp_path, check=False, timeout=120)
+def test_unknown_config_key_rejected(tmp_path: Path) -> None:
+    process = run_zoo(
+        ["train", "face-unpg", "--model.init_args.no_such_key", "1"],
+        cwd=tmp_path,
+        check=False,
+        timeout=300,
+    )
     assert process.returncode != 0
-    assert bad.rsplit(".", 1)[-1] in process.stderr
+    assert "no_such_key" in process.stderr

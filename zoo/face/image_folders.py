@@ -68,7 +68,7 @@ def scan_identity_folders(root: Path) -> list[tuple[str, list[Path]]]:
     Hidden files and folders are ignored.
 
     Raises:
-        FileNotFoundError: if ``root`` is missing or holds no identity folder with a file.
+        FileNotFoundError: if ``root`` is missing or contains no identity folder with a file.
     """
     if not root.is_dir():
         raise FileNotFoundError(
