@@ -16,6 +16,7 @@ from sklearn.compose import ColumnTransformer
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from torch.utils.data import DataLoader, TensorDataset
 from zoo.datamodules.paths import DATA_DIR_ENV, resolve_data_dir
+from zoo.datamodules.sampling import seeded_loader
 
 logger = logging.getLogger(__name__)
 
@@ -321,12 +322,11 @@ class AdultDataModule(pl.LightningDataModule):
                 shuffle=False,
                 collate_fn=first_item,
             )
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
+        return seeded_loader(
             dataset,
             batch_size=self.batch_size,
+            seed=self.seed,
             shuffle=shuffle,
-            generator=generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -7,6 +7,7 @@ import logging
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+from zoo.datamodules.sampling import seeded_loader
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +106,10 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Return the shuffled training loader; the shuffle order follows ``seed``."""
-        return DataLoader(
+        return seeded_loader(
             self._require(self.train_set, "train"),
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
+            seed=self.seed,
             num_workers=self.num_workers,
         )
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from zoo.datamodules.paths import DATA_DIR_ENV, download_with_checksum, resolve_data_dir
+from zoo.datamodules.sampling import seeded_loader
 
 logger = logging.getLogger(__name__)
 
@@ -204,11 +205,10 @@ class MocapDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Return the shuffled training loader; the shuffle order follows ``seed``."""
-        return DataLoader(
+        return seeded_loader(
             self._require("train"),
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
+            seed=self.seed,
             num_workers=self.num_workers,
         )
 

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from zoo.datamodules.sampling import seeded_loader
 
 from zoo.polynomials.targets import HierarchicalPolynomial
 
@@ -160,12 +161,11 @@ class HierarchicalPolynomialDataModule(pl.LightningDataModule):
     def _loader(self, dataset: PolynomialSamples | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("Call setup() with the matching stage before requesting a loader.")
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
-        return DataLoader(
+        return seeded_loader(
             dataset,
             batch_size=self.hparams.batch_size,
+            seed=self.hparams.seed,
             shuffle=shuffle,
-            generator=generator,
             num_workers=self.hparams.num_workers,
         )
 
