@@ -1,8 +1,10 @@
 """Train face-unpg in one process and under DDP on two CPU processes, and compare the metrics.
 
 The DDP run uses half the per-process batch size, so both runs take the same number of
-optimizer steps with the same global batch (64 images). The script prints the final
-validation metrics of both runs as JSON.
+optimizer steps with the same global batch (64 images). Unless ``--no-gather`` is given,
+UNPG gathers the embeddings of both processes, so that it mines negatives among the same
+64 embeddings as the single-process run. The script prints the final validation metrics of
+both runs as JSON.
 
 Usage (from the repository root, with the ORL faces under ``$ZOO_DATA_DIR/faces/orl``)::
 
@@ -43,6 +45,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/face-ddp-parity", help="folder for both runs")
     parser.add_argument("--single-run", default=None, help="finished single-process run folder")
+    parser.add_argument(
+        "--no-gather", action="store_true", help="mine UNPG negatives within each process"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     single = Path(args.single_run) if args.single_run else out / "single"
@@ -55,6 +60,7 @@ def main() -> None:
         "--trainer.devices=2",
         "--trainer.accelerator=cpu",
         "--data.init_args.batch_size=32",
+        f"--model.init_args.unpg_gather={str(not args.no_gather).lower()}",
     )
     print(json.dumps({"single": final_metrics(single), "ddp": final_metrics(ddp)}, indent=2))
 
