@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from zoo.datamodules.paths import DATA_DIR_ENV, download_with_checksum, resolve_data_dir
+from zoo.datamodules.sampling import seeded_loader
 
 logger = logging.getLogger(__name__)
 
@@ -226,12 +227,10 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Return the shuffled training loader; the shuffle order follows ``seed``."""
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
+        return seeded_loader(
             self._require(self.train_set, "train"),
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
+            seed=self.seed,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
