@@ -17,9 +17,9 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from zoo.datamodules.adult import AdultDataModule
 
 from zoo import hub
+from zoo.datamodules.adult import AdultDataModule
 from zoo.privacy.diff2_module import Diff2Classifier
 
 logger = logging.getLogger(__name__)

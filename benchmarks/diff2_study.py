@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from zoo.datamodules.adult import AdultDataModule
 
+from zoo.datamodules.adult import AdultDataModule
 from zoo.privacy.diff2 import Diff2, simulate_diff2
 from zoo.privacy.diff2_accounting import calibrate_noise, diff2_epsilon
 from zoo.privacy.diff2_module import build_mlp, summed_logistic_loss

@@ -26,9 +26,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import yaml
-from zoo.callbacks.ode_stats import ODEStatsCallback
 
 from zoo import hub
+from zoo.callbacks.ode_stats import ODEStatsCallback
 
 logger = logging.getLogger(__name__)
 

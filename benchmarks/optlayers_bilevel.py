@@ -28,8 +28,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from zoo.datamodules.breast_cancer import BreastCancerBilevelDataModule
 
+from zoo.datamodules.breast_cancer import BreastCancerBilevelDataModule
 from zoo.optlayers.logistic import (
     add_intercept,
     fit_gradient_descent,

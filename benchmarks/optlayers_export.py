@@ -29,7 +29,6 @@ logger = logging.getLogger("optlayers_export")
 
 def bilevel_metric(module: torch.nn.Module, data_args: dict) -> tuple[dict, dict]:
     from zoo.datamodules.breast_cancer import BreastCancerBilevelDataModule
-
     from zoo.optlayers.bilevel import evaluate_split
 
     datamodule = BreastCancerBilevelDataModule(**data_args)

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import torch
-from zoo.datamodules.mnist import MNISTDataModule
 
 from zoo import hub
+from zoo.datamodules.mnist import MNISTDataModule
 from zoo.privacy.classifier import Classifier
 
 logger = logging.getLogger(__name__)

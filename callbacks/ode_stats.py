@@ -7,6 +7,7 @@ from collections import defaultdict
 from typing import Any
 
 import lightning.pytorch as pl
+
 from zoo.callbacks.figures import log_figure
 
 logger = logging.getLogger(__name__)

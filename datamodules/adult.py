@@ -15,6 +15,7 @@ import torch
 from sklearn.compose import ColumnTransformer
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from torch.utils.data import DataLoader, TensorDataset
+
 from zoo.datamodules.paths import DATA_DIR_ENV, resolve_data_dir
 from zoo.datamodules.sampling import seeded_loader
 

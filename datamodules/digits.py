@@ -7,6 +7,7 @@ import logging
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
 from zoo.datamodules.sampling import seeded_loader
 
 logger = logging.getLogger(__name__)

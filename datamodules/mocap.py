@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
 from zoo.datamodules.paths import DATA_DIR_ENV, download_with_checksum, resolve_data_dir
 from zoo.datamodules.sampling import seeded_loader
 

@@ -14,8 +14,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from zoo.datamodules.sampling import seeded_loader
 
+from zoo.datamodules.sampling import seeded_loader
 from zoo.polynomials.targets import HierarchicalPolynomial
 
 logger = logging.getLogger(__name__)

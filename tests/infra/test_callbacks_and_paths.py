@@ -13,6 +13,7 @@ import matplotlib
 import pytest
 from lightning.pytorch.loggers import CSVLogger
 from toy_models import IrisClassifier, IrisDataModule
+
 from zoo.callbacks.figures import log_figure
 from zoo.callbacks.progress import LineProgress
 from zoo.datamodules.paths import download_with_checksum, resolve_data_dir

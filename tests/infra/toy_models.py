@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
 from zoo.datamodules.sampling import seeded_loader
 
 

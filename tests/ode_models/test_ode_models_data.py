@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from zoo.datamodules.digits import DigitsDataModule
 from zoo.datamodules.mocap import MocapDataModule, cut_windows, observation_masks
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from zoo.datamodules.mnist import MNISTDataModule
 
 import zoo
+from zoo.datamodules.mnist import MNISTDataModule
 from zoo.hub import read_manifest
 from zoo.ode.classifier import ODEClassifier
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from zoo.datamodules.digits import DigitsDataModule
-from zoo.datamodules.mocap import MocapDataModule
 
 import zoo
 from tests.helpers import run_zoo
+from zoo.datamodules.digits import DigitsDataModule
+from zoo.datamodules.mocap import MocapDataModule
 from zoo.ode.classifier import ODEClassifier
 from zoo.ode.latent import LatentODE
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from zoo.datamodules.breast_cancer import BreastCancerBilevelDataModule
 
 from tests.helpers import run_zoo
+from zoo.datamodules.breast_cancer import BreastCancerBilevelDataModule
 from zoo.optlayers.bilevel import BilevelLogisticRegression, evaluate_split
 from zoo.optlayers.logistic import add_intercept, fit_gradient_descent, fit_newton, solve_implicit
 

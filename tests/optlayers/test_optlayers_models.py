@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from zoo.datamodules.digits import DigitsDataModule
 
 from tests.helpers import run_zoo
+from zoo.datamodules.digits import DigitsDataModule
 from zoo.optlayers.distillation import DatasetDistillation, accuracy_of_training_set
 from zoo.optlayers.optnet import QPBlock, QPNetClassifier, evaluate_accuracy
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from zoo.datamodules.breast_cancer import BreastCancerBilevelDataModule
-from zoo.datamodules.digits import DigitsDataModule
 
 import zoo
+from zoo.datamodules.breast_cancer import BreastCancerBilevelDataModule
+from zoo.datamodules.digits import DigitsDataModule
 
 
 def _predict(module: pl.LightningModule, datamodule: pl.LightningDataModule) -> torch.Tensor:

@@ -10,8 +10,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import REPO_ROOT, run_zoo
-from zoo.datamodules.polynomials import HierarchicalPolynomialDataModule
 
+from zoo.datamodules.polynomials import HierarchicalPolynomialDataModule
 from zoo.hub import create_model, load_config
 from zoo.polynomials import LayerwiseThreeLayer, RandomFeatureRidge
 from zoo.polynomials.layerwise import fit_layerwise

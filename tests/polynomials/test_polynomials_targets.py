@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from zoo.datamodules.polynomials import HierarchicalPolynomialDataModule
 
+from zoo.datamodules.polynomials import HierarchicalPolynomialDataModule
 from zoo.polynomials.hermite import hermite_coefficient, normalized_hermite
 from zoo.polynomials.targets import HierarchicalPolynomial
 

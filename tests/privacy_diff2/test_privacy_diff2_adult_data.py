@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
+
 from zoo.datamodules.adult import AdultDataModule, read_adult_file
 
 TRAIN_LINES = [

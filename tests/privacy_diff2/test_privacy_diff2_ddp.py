@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import torch
 from helpers import run_zoo
-from zoo.datamodules.adult import AdultDataModule
 
+from zoo.datamodules.adult import AdultDataModule
 from zoo.privacy.diff2 import simulate_diff2
 from zoo.privacy.diff2_module import Diff2Classifier
 

@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from zoo.datamodules.adult import AdultDataModule
 
+from zoo.datamodules.adult import AdultDataModule
 from zoo.privacy.diff2 import simulate_diff2
 from zoo.privacy.diff2_accounting import diff2_epsilon
 from zoo.privacy.diff2_module import Diff2Classifier

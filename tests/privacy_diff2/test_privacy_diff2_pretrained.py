@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from zoo.datamodules.adult import AdultDataModule
 
 import zoo
 from zoo import hub
+from zoo.datamodules.adult import AdultDataModule
 from zoo.privacy.diff2_accounting import diff2_epsilon
 
 

@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from zoo.datamodules.mnist import MNISTDataModule
 
+from zoo.datamodules.mnist import MNISTDataModule
 from zoo.privacy.classifier import Classifier
 from zoo.privacy.dpsgd import DPSGD
 from zoo.privacy.loader import PoissonTrainLoader

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from zoo.datamodules.mnist import FILES, MIRROR_ENV, MNISTDataModule
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from zoo.datamodules.mnist import MNISTDataModule
 
 import zoo
 from tests.helpers import REPO_ROOT, run_zoo
 from zoo import hub
+from zoo.datamodules.mnist import MNISTDataModule
 from zoo.privacy import accounting
 from zoo.privacy.dpsgd import DPSGD
 
