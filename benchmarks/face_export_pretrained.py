@@ -15,9 +15,9 @@ import argparse
 import json
 
 import yaml
-from zoo.datamodules.faces import FaceDataModule
 
 from zoo import hub
+from zoo.datamodules.faces import FaceDataModule
 from zoo.face.evaluate import evaluate_verification
 from zoo.face.module import FaceRecognitionModule
 

@@ -26,8 +26,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
-from zoo.datamodules.paths import resolve_data_dir
 
+from zoo.datamodules.paths import resolve_data_dir
 from zoo.face.bin_pairs import read_verification_bin
 from zoo.face.image_folders import (
     OLIVETTI_FOLDER,

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from zoo.datamodules.faces import EpochSeededSampler, FaceDataModule
 
 import zoo.face.image_folders as image_folders
+from zoo.datamodules.faces import EpochSeededSampler, FaceDataModule
 from zoo.face.bin_pairs import read_verification_bin
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from zoo.datamodules.faces import FaceDataModule
 
 import zoo
 from zoo import hub
+from zoo.datamodules.faces import FaceDataModule
 from zoo.face.evaluate import evaluate_verification
 from zoo.face.module import FaceRecognitionModule
 
