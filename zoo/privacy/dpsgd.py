@@ -385,6 +385,7 @@ class DPSGD(Callback):
                 "DPOptimizer, which would train without privacy. Another callback or the "
                 "strategy replaced the optimizer after DPSGD installed it."
             )
+        _check_grad_samples(optimizer, pl_module)
         is_private_step = not optimizer._check_skip_next_step(pop_next=False)
         if is_private_step and self._budget_spent():
             raise RuntimeError(
@@ -590,6 +591,29 @@ def _functorch_layers(
         for module in hooks.iterate_submodules(model)
         if type(module) not in hooks.GRAD_SAMPLERS
     ]
+
+
+def _check_grad_samples(optimizer: DPOptimizer, pl_module: pl.LightningModule) -> None:
+    """Raise, naming the parameters, if Opacus' hooks gave some parameter no per-sample gradient.
+
+    Opacus would raise "Per sample gradient is not initialized" inside ``optimizer.step``
+    without saying which parameter or why.
+    """
+    names = {id(parameter): name for name, parameter in pl_module.named_parameters()}
+    missing = [
+        names.get(id(parameter), f"<unnamed {tuple(parameter.shape)}>")
+        for parameter in optimizer.params
+        if getattr(parameter, "grad_sample", None) is None
+    ]
+    if missing:
+        raise ValueError(
+            f"DP-SGD: Opacus computed no per-sample gradient for parameters {', '.join(missing)}. "
+            "Its hooks pair every forward call of a layer with a backward call, so a layer "
+            "that is called on inputs whose outputs do not all reach the loss (for example "
+            "the vector field of an adaptive ODE solver, evaluated to choose the step size) "
+            "or a parameter that the loss does not use cannot be trained per example. Use "
+            "each layer's output in the loss, or freeze the parameters with requires_grad=False."
+        )
 
 
 def _check_replicas_agree(pl_module: pl.LightningModule) -> None:

@@ -1,0 +1,61 @@
+"""DPSGD callback: a clear error when Opacus' hooks give a parameter no per-sample gradient."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from zoo.privacy.dpsgd import DPSGD
+
+
+class _DiscardedCallModel(pl.LightningModule):
+    """Call ``inner`` once more on a probe input and drop the output, like a step-size evaluation."""
+
+    def __init__(self, discard: bool) -> None:
+        super().__init__()
+        self.discard = discard
+        self.inner = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.discard:
+            self.inner(x * 0.5)
+        return self.head(self.inner(x).tanh())
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(model: pl.LightningModule) -> None:
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 4, generator=generator), torch.randint(0, 2, (64,)))
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[DPSGD(noise_multiplier=1.0, accountant="rdp", seed=0)],
+    )
+    trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=16))
+
+
+def test_dpsgd_names_parameters_without_grad_sample() -> None:
+    with pytest.raises(ValueError, match=r"no per-sample gradient for parameters inner\.weight"):
+        _fit(_DiscardedCallModel(discard=True))
+
+
+def test_dpsgd_trains_when_every_call_reaches_loss() -> None:
+    model = _DiscardedCallModel(discard=False)
+    before = model.inner.weight.detach().clone()
+    _fit(model)
+    assert not torch.equal(model.inner.weight, before)
