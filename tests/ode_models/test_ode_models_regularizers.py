@@ -131,6 +131,8 @@ def test_annealed_weight_rejects_bad_values() -> None:
         annealed_weight(0, -1.0)
     with pytest.raises(ValueError, match="epoch=-1"):
         annealed_weight(-1, 1.0)
+    with pytest.raises(ValueError, match="final=-1"):
+        annealed_weight(0, 0.0, -1.0, 2)
 
 
 class ScaledLinear(nn.Module):

@@ -59,6 +59,17 @@ def test_classifier_rejects_bad_arguments() -> None:
         ODEClassifier(reg_weight=10.0, reg_weight_final=0.0)
 
 
+def test_models_reject_bad_solver_and_optimizer_arguments() -> None:
+    with pytest.raises(ValueError, match="Unknown method 'rk4'"):
+        ODEClassifier(method="rk4")
+    with pytest.raises(ValueError, match="Unknown method 'rk4'"):
+        LatentODE(method="rk4")
+    with pytest.raises(ValueError, match="weight_decay=-1.0"):
+        ODEClassifier(weight_decay=-1.0)
+    with pytest.raises(ValueError, match="final=-1"):
+        ODEClassifier(reg_weight=0.0, reg_weight_final=-1.0)
+
+
 def test_classifier_learns_digits_above_chance() -> None:
     pl.seed_everything(0)
     model = ODEClassifier(

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from zoo.ode.regularizers import ODERegularizer
 from zoo.ode.solver import SolverStats, solve_ivp
+from zoo.ode.tableaus import get_tableau
 
 
 @dataclass
@@ -62,6 +63,8 @@ class RegularizedODEBlock(nn.Module):
         for name, value in (("rtol", rtol), ("atol", atol)):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name}={value!r} is invalid; use a finite number > 0.")
+        # Look the method up now, so that a bad name fails before training starts.
+        get_tableau(method)
         if not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"max_steps={max_steps!r} is invalid; use an integer >= 1.")
         self.vector_field = vector_field

@@ -143,6 +143,10 @@ class ODEClassifier(pl.LightningModule):
         _check_positive_int("hidden_size", hidden_size)
         _check_positive_float("end_time", end_time)
         _check_positive_float("lr", lr)
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)):
+            raise TypeError(f"weight_decay must be a number, got {weight_decay!r}.")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay={weight_decay!r} is invalid; use a number >= 0.")
         if regularizer not in REGULARIZER_NAMES:
             raise ValueError(
                 f"regularizer={regularizer!r} is not supported; use one of "

@@ -360,9 +360,11 @@ def annealed_weight(
     if epoch < 0:
         raise ValueError(f"epoch={epoch} is invalid; epochs count from 0.")
     _check_nonnegative("initial", initial)
-    if final is None or initial == 0:
+    if final is None:
         return float(initial)
     _check_nonnegative("final", final)
+    if initial == 0:
+        return 0.0
     if final == 0:
         raise ValueError("final=0 cannot be reached by exponential decay; use a value > 0.")
     if total_epochs is None or total_epochs < 1:
