@@ -105,6 +105,18 @@ def test_wrong_feature_width_rejected() -> None:
         ({"noise_multiplier_restart": 2.0}, "not both"),
         ({"target_epsilon": None, "noise_multiplier_restart": 2.0}, "difference"),
         ({"rounds": 0}, "rounds"),
+        (
+            {"target_epsilon": None, "noise_multiplier_restart": 0.0, "restart_interval": 1},
+            "noise_multiplier_restart is 0",
+        ),
+        (
+            {
+                "target_epsilon": None,
+                "noise_multiplier_restart": 2.0,
+                "noise_multiplier_difference": 0.0,
+            },
+            "noise_multiplier_difference is 0",
+        ),
         ({"activation": "swish"}, "activation"),
         ({"noise_seed": -1}, "noise_seed"),
     ],

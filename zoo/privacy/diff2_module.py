@@ -230,6 +230,19 @@ class Diff2Classifier(pl.LightningModule):
                     "target_epsilon instead."
                 )
             difference = 0.0
+        zero_noise = [
+            name
+            for name, value, used in (
+                ("noise_multiplier_restart", hparams.noise_multiplier_restart, True),
+                ("noise_multiplier_difference", difference, hparams.restart_interval > 1),
+            )
+            if used and value == 0
+        ]
+        if zero_noise:
+            raise ValueError(
+                f"{' and '.join(zero_noise)} is 0, which would train without privacy "
+                "(infinite epsilon). Set a positive noise multiplier, or set target_epsilon."
+            )
         return float(hparams.noise_multiplier_restart), float(difference)
 
     @property
