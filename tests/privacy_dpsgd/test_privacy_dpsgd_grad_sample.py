@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -59,3 +61,39 @@ def test_dpsgd_trains_when_every_call_reaches_loss() -> None:
     before = model.inner.weight.detach().clone()
     _fit(model)
     assert not torch.equal(model.inner.weight, before)
+
+
+class _CubeFunction(torch.autograd.Function):
+    """``x ** 3`` in the old style (ctx in forward), which torch.func cannot transform."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return (x @ weight.t()) ** 3
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        x, weight = ctx.saved_tensors
+        inner = 3 * (x @ weight.t()) ** 2 * grad
+        return inner @ weight, inner.t() @ x
+
+
+class _CubeLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 4) * 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _CubeFunction.apply(x, self.weight)
+
+
+class _CustomFunctionModel(_DiscardedCallModel):
+    def __init__(self) -> None:
+        super().__init__(discard=False)
+        self.head = _CubeLayer()
+
+
+def test_dpsgd_explains_custom_autograd_function() -> None:
+    with pytest.warns(UserWarning, match=r"layers head: they call a custom torch\.autograd"):
+        with pytest.raises(RuntimeError, match="setup_context"):
+            _fit(_CustomFunctionModel())

@@ -441,14 +441,26 @@ class DPSGD(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         """Explain per-sample gradient failures of layers that Opacus has no grad sampler for."""
-        if self.functorch_layers and "vmap" in str(exception):
+        if not self.functorch_layers or "vmap" not in str(exception):
+            return
+        layers = ", ".join(self.functorch_layers)
+        if "autograd.Function" in str(exception):
+            # torch.func raises this for a Function without the setup_context staticmethod.
             rank_zero_warn(
-                "DP-SGD could not compute per-sample gradients with torch.func for layers "
-                f"{', '.join(self.functorch_layers)}. Each such layer must map a batch to "
-                "outputs whose first dimension is the batch; a layer that returns the batch "
-                "loss, or mixes examples, cannot be trained per example. Restructure the "
-                "layer, or register a grad sampler with opacus.grad_sample.register_grad_sampler."
+                f"DP-SGD could not compute per-sample gradients with torch.func for layers "
+                f"{layers}: they call a custom torch.autograd.Function that torch.func cannot "
+                "transform. Give the Function a setup_context staticmethod and vmap support "
+                "(see 'Extending torch.func with autograd.Function' in the PyTorch docs), or "
+                "register a grad sampler with opacus.grad_sample.register_grad_sampler."
             )
+            return
+        rank_zero_warn(
+            "DP-SGD could not compute per-sample gradients with torch.func for layers "
+            f"{layers}. Each such layer must map a batch to "
+            "outputs whose first dimension is the batch; a layer that returns the batch "
+            "loss, or mixes examples, cannot be trained per example. Restructure the "
+            "layer, or register a grad sampler with opacus.grad_sample.register_grad_sampler."
+        )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove hooks and wrappers so the module and trainer can be used without DP again."""
