@@ -128,6 +128,10 @@ class FaceDataModule(pl.LightningDataModule):
         num_val_identities: number of identities, taken from the end of the natural sort
             order, held out for verification (10 gives ORL's s31-s40). Must be 0 when
             ``val_bin`` is set.
+        num_identities: use only the first ``num_identities`` identities in natural sort
+            order and ignore the rest; None uses all. With ORL, ``num_identities=30`` and
+            ``num_val_identities=5`` train on s1-s25 and verify on s26-s30, a split for
+            choosing hyperparameters that never reads the test identities s31-s40.
         val_bin: optional insightface ``.bin`` pair file used as the verification set.
         image_size: (height, width) or one int that images are resized to; must equal the
             backbone's ``input_size``.
@@ -146,6 +150,7 @@ class FaceDataModule(pl.LightningDataModule):
         data_dir: str | None = None,
         root: str | None = None,
         num_val_identities: int = 10,
+        num_identities: int | None = None,
         val_bin: str | None = None,
         image_size: int | list[int] = 64,
         channels: int = 1,
@@ -173,6 +178,12 @@ class FaceDataModule(pl.LightningDataModule):
         if not isinstance(num_val_identities, int) or num_val_identities < 0:
             raise ValueError(
                 f"num_val_identities must be a non-negative integer, got {num_val_identities!r}."
+            )
+        if num_identities is not None and (
+            not isinstance(num_identities, int) or num_identities < 2
+        ):
+            raise ValueError(
+                f"num_identities must be None or an integer >= 2, got {num_identities!r}."
             )
         if val_bin is None and num_val_identities == 0:
             raise ValueError("num_val_identities=0 needs a val_bin pair file for verification.")
@@ -214,6 +225,8 @@ class FaceDataModule(pl.LightningDataModule):
             return
         root = self.resolve_root()
         identities = scan_identity_folders(root)
+        if self.hparams.num_identities is not None:
+            identities = identities[: self.hparams.num_identities]
         held_out = self.hparams.num_val_identities
         if held_out >= len(identities):
             raise ValueError(
@@ -310,13 +323,36 @@ class FaceDataModule(pl.LightningDataModule):
         left = torch.arange(count) * 2
         self.verification_pairs = torch.stack([left, left + 1, issame.long()], dim=1)
 
-    def _save_pairs(self) -> None:
-        if self.trainer is None:
-            return
+    def pairs_folder(self) -> Path | None:
+        """Return the run folder that receives the pair list, or None when the run has none.
+
+        The folder is the first logger's log folder. Without a logger it is the Trainer's
+        ``default_root_dir`` if checkpointing is on, because that is where the checkpoints
+        go. A Trainer with neither writes no files, and its ``default_root_dir`` defaults to
+        the current directory, so the pair list is not written then.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return None
         # Trainer.log_dir broadcasts from rank zero, so every rank must read it.
-        folder = self.trainer.log_dir or self.trainer.default_root_dir
+        log_dir = trainer.log_dir
+        if trainer.loggers:
+            return Path(log_dir)
+        if trainer.checkpoint_callback is not None:
+            return Path(trainer.default_root_dir)
+        return None
+
+    def _save_pairs(self) -> None:
+        folder = self.pairs_folder()
+        if folder is None:
+            if self.trainer is not None:
+                rank_zero_info(
+                    "Not saving the verification pairs: the Trainer has no logger and no "
+                    "checkpointing, so the run has no folder."
+                )
+            return
         if self.trainer.is_global_zero:
-            save_pairs_csv(self.verification_pairs, self.val_names, Path(folder) / PAIRS_FILE)
+            save_pairs_csv(self.verification_pairs, self.val_names, folder / PAIRS_FILE)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

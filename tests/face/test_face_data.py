@@ -229,3 +229,53 @@ def test_datamodule_with_val_bin(tmp_path: Path) -> None:
     assert datamodule.num_classes == 3
     assert len(datamodule.val_set) == 4
     assert datamodule.verification_pairs.tolist() == [[0, 1, 0], [2, 3, 1]]
+
+
+def test_num_identities_ignores_later_identities(tmp_path: Path) -> None:
+    root = _make_tree(tmp_path / "faces", {f"s{k}": 3 for k in range(1, 9)})
+    datamodule = _datamodule(root, num_identities=6, num_val_identities=2)
+    datamodule.setup("fit")
+    assert datamodule.train_identities == ["s1", "s2", "s3", "s4"]
+    assert {name.split("/")[0] for name in datamodule.val_names} == {"s5", "s6"}
+    with pytest.raises(ValueError, match="num_identities must be None or an integer >= 2"):
+        _datamodule(root, num_identities=1)
+
+
+def _attach_trainer(datamodule: FaceDataModule, **trainer_kwargs) -> None:
+    import lightning.pytorch as pl
+
+    options = {"enable_progress_bar": False, "enable_model_summary": False}
+    options.update(trainer_kwargs)
+    datamodule.trainer = pl.Trainer(**options)
+
+
+def test_pairs_not_written_to_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _make_tree(tmp_path / "faces", {"a": 3, "b": 3, "c": 3})
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    datamodule = _datamodule(root, num_val_identities=1)
+    # A Trainer without logger, checkpointing or default_root_dir writes no run folder.
+    _attach_trainer(datamodule, logger=False, enable_checkpointing=False)
+    datamodule.setup("fit")
+    assert datamodule.pairs_folder() is None
+    assert list(workdir.iterdir()) == []
+
+
+def test_pairs_written_to_run_folder(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    root = _make_tree(tmp_path / "faces", {"a": 3, "b": 3, "c": 3})
+    logged = _datamodule(root, num_val_identities=1)
+    _attach_trainer(logged, logger=CSVLogger(tmp_path / "logs", name="run"))
+    logged.setup("fit")
+    log_file = tmp_path / "logs" / "run" / "version_0" / "verification_pairs.csv"
+    assert log_file.is_file()
+    assert log_file.read_text().splitlines()[1] == "c/0.png,c/1.png,1"
+
+    unlogged = _datamodule(root, num_val_identities=1)
+    _attach_trainer(unlogged, logger=False, default_root_dir=tmp_path / "run")
+    unlogged.setup("fit")
+    assert (tmp_path / "run" / "verification_pairs.csv").is_file()

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from helpers import REPO_ROOT, run_zoo
 from PIL import Image
-
-from tests.helpers import REPO_ROOT, run_zoo
 
 HERE = Path(__file__).resolve().parent
 
