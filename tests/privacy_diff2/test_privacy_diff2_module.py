@@ -136,3 +136,17 @@ def test_dp_gd_needs_no_difference_settings() -> None:
     )
     assert model.noise_multipliers == (3.0, 0.0)
     assert model.privacy_spent(rounds=100)["epsilon"] > 0
+
+
+def test_resume_with_other_noise_rejected() -> None:
+    first = Diff2Classifier(num_features=10, rounds=6, restart_interval=5, target_epsilon=4.0)
+    first.algorithm.round_index = 6
+    checkpoint: dict = {}
+    first.on_save_checkpoint(checkpoint)
+    longer = Diff2Classifier(num_features=10, rounds=8, restart_interval=5, target_epsilon=4.0)
+    with pytest.raises(ValueError, match="would not cover the earlier rounds"):
+        longer.on_load_checkpoint(checkpoint)
+    same = Diff2Classifier(num_features=10, rounds=6, restart_interval=5, target_epsilon=4.0)
+    same.on_load_checkpoint(checkpoint)
+    assert same.algorithm.round_index == 6
+    assert same.privacy_spent()["epsilon"] == pytest.approx(4.0, rel=0.02)

@@ -11,6 +11,7 @@ so an epoch is one round when the loader yields one full batch.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from typing import TYPE_CHECKING
 
@@ -399,6 +400,34 @@ class Diff2Classifier(pl.LightningModule):
         saved = checkpoint.get("diff2")
         if saved is None:
             return
+        self._check_resumed_noise(saved["privacy"])
         self.algorithm.round_index = int(saved["round_index"])
         self.algorithm.estimate = saved["estimate"]
         self.algorithm.previous_params = saved["previous_params"]
+
+    def _check_resumed_noise(self, saved_privacy: dict) -> None:
+        """Raise if the checkpoint's rounds ran with other noise than this run would add.
+
+        Epsilon is computed from this run's noise multipliers for every round, so rounds
+        that ran with less noise (for example calibrated for fewer ``rounds`` or a larger
+        ``target_epsilon``) would be under-counted.
+        """
+        saved = (
+            int(saved_privacy["restart_interval"]),
+            float(saved_privacy["noise_multiplier_restart"]),
+            float(saved_privacy["noise_multiplier_difference"]),
+        )
+        current = (int(self.hparams.restart_interval), *self.noise_multipliers)
+        same = (
+            saved[0] == current[0]
+            and math.isclose(saved[1], current[1], rel_tol=1e-9)
+            and math.isclose(saved[2], current[2], rel_tol=1e-9)
+        )
+        if not same:
+            raise ValueError(
+                "The checkpoint's rounds ran with restart_interval and noise multipliers "
+                f"(sigma1, sigma2) = {saved}, but this run has {current}, so the reported "
+                "epsilon would not cover the earlier rounds. Resume with the model settings "
+                "of the checkpoint's run (rounds, target_epsilon, delta, restart_interval, "
+                "restart_share or the noise multipliers)."
+            )
