@@ -109,6 +109,28 @@ def test_classifier_reg_weight_anneals_over_epochs() -> None:
     assert model.ode_stats["reg_weight"] == pytest.approx(100.0 * 0.1**0.5)
 
 
+def test_annealing_without_epoch_limit_raises() -> None:
+    model = ODEClassifier(
+        image_shape=[1, 8, 8],
+        downsample="flatten",
+        hidden_size=8,
+        regularizer="ernode",
+        reg_weight=100.0,
+        reg_weight_final=10.0,
+        rtol=1e-3,
+        atol=1e-3,
+    )
+    # Without max_epochs the decay has no length; a silent default would shrink the
+    # weight tenfold every epoch.
+    trainer = quiet_trainer(max_epochs=-1, max_steps=2, limit_val_batches=0)
+    with pytest.raises(ValueError, match="reg_anneal_epochs"):
+        trainer.fit(model, DigitsDataModule())
+    model.hparams.reg_anneal_epochs = 4
+    trainer = quiet_trainer(max_epochs=-1, max_steps=2, limit_val_batches=0)
+    trainer.fit(model, DigitsDataModule())
+    assert model.ode_stats["reg_weight"] == pytest.approx(100.0)
+
+
 def test_latent_ode_training_lowers_loss(shared_data: Path) -> None:
     pl.seed_everything(0)
     data = MocapDataModule(data_dir=str(shared_data), download=False, batch_size=32)

@@ -18,7 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from zoo.ode.block import RegularizedODEBlock
-from zoo.ode.regularizers import REGULARIZER_NAMES, annealed_weight, build_regularizer
+from zoo.ode.regularizers import (
+    REGULARIZER_NAMES,
+    annealed_weight,
+    build_regularizer,
+    resolve_anneal_epochs,
+)
 from zoo.ode.stats import solve_statistics
 from zoo.ode.vector_fields import AutonomousMLP
 
@@ -205,10 +210,10 @@ class LatentODE(pl.LightningModule):
     def current_reg_weight(self) -> float:
         """Return the regularization weight of the current epoch."""
         hparams = self.hparams
-        total = hparams.reg_anneal_epochs
-        if total is None:
-            max_epochs = self.trainer.max_epochs if self._trainer is not None else None
-            total = max_epochs if max_epochs and max_epochs > 0 else 1
+        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
+        total = resolve_anneal_epochs(
+            hparams.reg_anneal_epochs, hparams.reg_weight_final, max_epochs
+        )
         epoch = self.current_epoch if self._trainer is not None else 0
         return annealed_weight(epoch, hparams.reg_weight, hparams.reg_weight_final, total)
 

@@ -337,6 +337,34 @@ def build_regularizer(name: str, **kwargs: Any) -> ODERegularizer:
     raise ValueError(f"Unknown regularizer {name!r}; choose one of {list(REGULARIZER_NAMES)}.")
 
 
+def resolve_anneal_epochs(
+    anneal_epochs: int | None, final: float | None, max_epochs: int | None
+) -> int:
+    """Return the length of the weight decay in epochs for :func:`annealed_weight`.
+
+    Args:
+        anneal_epochs: The configured length, or ``None`` to use ``max_epochs``.
+        final: The weight to decay to; ``None`` means a constant weight.
+        max_epochs: ``trainer.max_epochs``, or ``None`` outside a ``Trainer``.
+
+    Raises:
+        ValueError: If the weight decays, no length is configured and ``max_epochs`` is
+            not a positive number, as with ``trainer.max_epochs=-1``. A fallback length
+            would let the weight decay by ``initial / final`` every epoch without end.
+    """
+    if anneal_epochs is not None:
+        return anneal_epochs
+    if max_epochs is not None and max_epochs > 0:
+        return max_epochs
+    if final is None or max_epochs is None:
+        return 1
+    raise ValueError(
+        f"reg_weight_final={final} needs the length of the decay, but reg_anneal_epochs is "
+        f"not set and trainer.max_epochs={max_epochs} is not a positive number of epochs. "
+        "Set model.init_args.reg_anneal_epochs or trainer.max_epochs."
+    )
+
+
 def annealed_weight(
     epoch: int, initial: float, final: float | None = None, total_epochs: int | None = None
 ) -> float:
