@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import types
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -96,6 +97,11 @@ class DPSGD(Callback):
         continue_pretrained_accounting: Start from the privacy history that
             ``zoo.load_pretrained`` attached to the model, so that epsilon covers the
             pretraining on the same data as well.
+        prior_checkpoint: Path of a Lightning checkpoint written under this callback,
+            whose privacy history (key ``"privacy"``) the accountant continues. Use it when
+            the module was loaded with ``load_from_checkpoint`` rather than resumed with
+            ``ckpt_path``. It takes precedence over the ``zoo.load_pretrained`` history,
+            which such a checkpoint already contains.
     """
 
     def __init__(
@@ -111,6 +117,7 @@ class DPSGD(Callback):
         fix_model: bool = True,
         seed: int | None = None,
         continue_pretrained_accounting: bool = True,
+        prior_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         if target_epsilon is None and noise_multiplier is None:
@@ -154,6 +161,9 @@ class DPSGD(Callback):
         self.fix_model = fix_model
         self.seed = seed
         self.continue_pretrained_accounting = continue_pretrained_accounting
+        if prior_checkpoint is not None and not isinstance(prior_checkpoint, str):
+            raise TypeError(f"prior_checkpoint must be a path string, got {prior_checkpoint!r}.")
+        self.prior_checkpoint = prior_checkpoint
 
         # Privacy state; restored from checkpoints by load_state_dict.
         self.noise_multiplier: float | None = None
@@ -568,7 +578,12 @@ class DPSGD(Callback):
         )
 
     def _load_pretrained_history(self, pl_module: pl.LightningModule) -> None:
-        if not self.continue_pretrained_accounting or self.prior_history:
+        if self.prior_history:
+            return
+        if self.prior_checkpoint is not None:
+            self._load_checkpoint_history(self.prior_checkpoint)
+            return
+        if not self.continue_pretrained_accounting:
             return
         pretrained = getattr(pl_module, "zoo_pretrained", None) or {}
         privacy = (pretrained.get("extra") or {}).get("privacy")
@@ -578,6 +593,27 @@ class DPSGD(Callback):
         self.prior_source = pretrained.get("name")
         rank_zero_info(
             f"DP-SGD: continuing the accountant of pretrained checkpoint {self.prior_source!r} "
+            f"({accounting.total_steps(self.prior_history)} steps, epsilon "
+            f"{privacy.get('epsilon')} at delta {privacy.get('delta')})"
+        )
+
+    def _load_checkpoint_history(self, path: str) -> None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"prior_checkpoint {path!r} does not exist; give the .ckpt file of the "
+                "earlier private run."
+            )
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        privacy = checkpoint.get("privacy") if isinstance(checkpoint, dict) else None
+        if not privacy:
+            raise ValueError(
+                f"prior_checkpoint {path!r} has no 'privacy' entry, so it was not written "
+                "during training with the DPSGD callback; its epsilon is unknown."
+            )
+        self.prior_history = accounting.normalise_history(privacy["history"])
+        self.prior_source = path
+        rank_zero_info(
+            f"DP-SGD: continuing the accountant of checkpoint {path!r} "
             f"({accounting.total_steps(self.prior_history)} steps, epsilon "
             f"{privacy.get('epsilon')} at delta {privacy.get('delta')})"
         )
