@@ -84,7 +84,13 @@ def test_link_without_linear_term_allowed_on_request() -> None:
 
 @pytest.mark.parametrize(
     ("link", "message"),
-    [([1.0], "constant link"), ([0.0, 1.0, 0.0], "trailing zeros"), ("z", "list of numbers")],
+    [
+        ([1.0], "constant link"),
+        ([0.0, 1.0, 0.0], "trailing zeros"),
+        ("z", "list of numbers"),
+        ([0.0, 1.0, float("nan")], "NaN or infinite"),
+        ([0.0, float("inf"), 1.0], "NaN or infinite"),
+    ],
 )
 def test_bad_link_rejected(link: object, message: str) -> None:
     with pytest.raises((ValueError, TypeError), match=message):

@@ -69,6 +69,11 @@ def validate_link_coefficients(
         raise TypeError(
             f"link_coefficients must contain only numbers, got {list(link_coefficients)!r}."
         ) from error
+    if not all(math.isfinite(c) for c in coefficients):
+        raise ValueError(
+            f"link_coefficients={list(coefficients)} contain NaN or infinite values, which "
+            "would make every label NaN or infinite; give finite numbers."
+        )
     if len(coefficients) < 2 or all(c == 0.0 for c in coefficients[1:]):
         raise ValueError(
             f"link_coefficients={list(coefficients)} describe a constant link g; give at "
