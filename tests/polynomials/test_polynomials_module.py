@@ -79,6 +79,8 @@ def test_activation_with_low_degree_warns() -> None:
         ({"feature_scale": 0.0}, "feature_scale"),
         ({"learning_rate": -1.0}, "learning_rate"),
         ({"ridges": []}, "ridges"),
+        ({"ridges": [1e-3, float("nan")]}, "finite values"),
+        ({"ridges": [float("inf")]}, "finite values"),
         ({"activation": "swish"}, "Unknown activation"),
     ],
 )

@@ -11,6 +11,7 @@ and test metrics as the layerwise model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -126,8 +127,10 @@ class RandomFeatureRidge(PolynomialRegressionModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if len(ridges) == 0 or any(r < 0 for r in ridges):
-            raise ValueError(f"ridges must be a non-empty list of values >= 0, got {ridges!r}.")
+        if len(ridges) == 0 or any(not 0 <= r < math.inf for r in ridges):
+            raise ValueError(
+                f"ridges must be a non-empty list of finite values >= 0, got {ridges!r}."
+            )
         get_activation(activation)
         self.save_hyperparameters()
         self.automatic_optimization = False

@@ -20,6 +20,7 @@ pad the shards. Training stops once stage 2 is done.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -172,8 +173,10 @@ class LayerwiseThreeLayer(PolynomialRegressionModule):
             raise ValueError(
                 f"learning_rate must be > 0 or None (automatic), got {hp.learning_rate!r}."
             )
-        if len(hp.ridges) == 0 or any(r < 0 for r in hp.ridges):
-            raise ValueError(f"ridges must be a non-empty list of values >= 0, got {hp.ridges!r}.")
+        if len(hp.ridges) == 0 or any(not 0 <= r < math.inf for r in hp.ridges):
+            raise ValueError(
+                f"ridges must be a non-empty list of finite values >= 0, got {hp.ridges!r}."
+            )
         get_activation(hp.activation)
         validate_feature_activation(hp.feature_activation, hp.feature_degree)
 

@@ -11,6 +11,7 @@ list without a held-out set.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -60,8 +61,10 @@ def solve_ridge(sums: dict[str, torch.Tensor], ridges: Sequence[float]) -> Ridge
         ValueError: If ``ridges`` is empty or has a negative entry, or the sums hold fewer
             than two samples.
     """
-    if len(ridges) == 0 or any(r < 0 for r in ridges):
-        raise ValueError(f"ridges must be a non-empty list of values >= 0, got {list(ridges)}.")
+    if len(ridges) == 0 or any(not 0 <= r < math.inf for r in ridges):
+        raise ValueError(
+            f"ridges must be a non-empty list of finite values >= 0, got {list(ridges)}."
+        )
     gram, moment = sums["gram"], sums["moment"]
     count = float(gram[-1, -1])
     if count < 2:
