@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from zoo.privacy.dpsgd import DPSGD
+from zoo.privacy.dpsgd import DPSGD, _check_grad_samples
 
 
 class _DiscardedCallModel(pl.LightningModule):
@@ -97,3 +98,14 @@ def test_dpsgd_explains_custom_autograd_function() -> None:
     with pytest.warns(UserWarning, match=r"layers head: they call a custom torch\.autograd"):
         with pytest.raises(RuntimeError, match="setup_context"):
             _fit(_CustomFunctionModel())
+
+
+def test_missing_grad_sample_names_torch_func_layer() -> None:
+    # The face model's margin head takes this path: torch.func leaves its weight without
+    # a per-sample gradient instead of failing.
+    model = _DiscardedCallModel(discard=False)
+    optimizer = SimpleNamespace(params=list(model.parameters()))
+    with pytest.raises(ValueError, match=r"Layers head have no Opacus grad sampler"):
+        _check_grad_samples(optimizer, model, ["head"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"pair every forward call"):
+        _check_grad_samples(optimizer, model, [])  # type: ignore[arg-type]

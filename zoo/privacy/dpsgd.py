@@ -395,7 +395,7 @@ class DPSGD(Callback):
                 "DPOptimizer, which would train without privacy. Another callback or the "
                 "strategy replaced the optimizer after DPSGD installed it."
             )
-        _check_grad_samples(optimizer, pl_module)
+        _check_grad_samples(optimizer, pl_module, self.functorch_layers)
         is_private_step = not optimizer._check_skip_next_step(pop_next=False)
         if is_private_step and self._budget_spent():
             raise RuntimeError(
@@ -641,7 +641,9 @@ def _functorch_layers(
     ]
 
 
-def _check_grad_samples(optimizer: DPOptimizer, pl_module: pl.LightningModule) -> None:
+def _check_grad_samples(
+    optimizer: DPOptimizer, pl_module: pl.LightningModule, functorch_layers: list[str]
+) -> None:
     """Raise, naming the parameters, if Opacus' hooks gave some parameter no per-sample gradient.
 
     Opacus would raise "Per sample gradient is not initialized" inside ``optimizer.step``
@@ -653,15 +655,26 @@ def _check_grad_samples(optimizer: DPOptimizer, pl_module: pl.LightningModule) -
         for parameter in optimizer.params
         if getattr(parameter, "grad_sample", None) is None
     ]
-    if missing:
+    if not missing:
+        return
+    owners = sorted({name.rpartition(".")[0] for name in missing} & set(functorch_layers))
+    if owners:
         raise ValueError(
             f"DP-SGD: Opacus computed no per-sample gradient for parameters {', '.join(missing)}. "
-            "Its hooks pair every forward call of a layer with a backward call, so a layer "
-            "that is called on inputs whose outputs do not all reach the loss (for example "
-            "the vector field of an adaptive ODE solver, evaluated to choose the step size) "
-            "or a parameter that the loss does not use cannot be trained per example. Use "
-            "each layer's output in the loss, or freeze the parameters with requires_grad=False."
+            f"Layers {', '.join(owners)} have no Opacus grad sampler, and torch.func gives "
+            "per-sample gradients only for a layer whose output has the batch as its first "
+            "dimension. A layer that returns the batch loss, or mixes examples, cannot be "
+            "trained per example. Restructure the layer, or register a grad sampler with "
+            "opacus.grad_sample.register_grad_sampler."
         )
+    raise ValueError(
+        f"DP-SGD: Opacus computed no per-sample gradient for parameters {', '.join(missing)}. "
+        "Its hooks pair every forward call of a layer with a backward call, so a layer "
+        "that is called on inputs whose outputs do not all reach the loss (for example "
+        "the vector field of an adaptive ODE solver, evaluated to choose the step size) "
+        "or a parameter that the loss does not use cannot be trained per example. Use "
+        "each layer's output in the loss, or freeze the parameters with requires_grad=False."
+    )
 
 
 def _check_replicas_agree(pl_module: pl.LightningModule) -> None:
