@@ -160,6 +160,25 @@ def test_olivetti_fallback_writes_identity_folders(
         offline.setup("fit")
 
 
+def test_failed_olivetti_download_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import urllib.error
+
+    def offline_fetch(data_home: Path):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(image_folders, "_fetch_olivetti_faces", offline_fetch)
+    datamodule = FaceDataModule(data_dir=str(tmp_path))
+    with pytest.raises(RuntimeError) as error:
+        datamodule.prepare_data()
+    message = str(error.value)
+    assert str(tmp_path / "faces" / "orl") in message
+    assert "Name or service not known" in message
+    assert "--data.init_args.root" in message
+    assert not (tmp_path / "faces" / "olivetti").exists()
+
+
 def test_data_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _make_tree(tmp_path / "faces" / "orl", {f"s{k}": 2 for k in range(1, 5)})
     monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path))

@@ -44,7 +44,15 @@ def write_olivetti_folders(data_dir: Path) -> Path:
     if target.is_dir() and any(target.iterdir()):
         return target
     rank_zero_info(f"Downloading the Olivetti faces with scikit-learn into {target}")
-    images, labels = _fetch_olivetti_faces(data_dir / "faces" / "sklearn")
+    try:
+        images, labels = _fetch_olivetti_faces(data_dir / "faces" / "sklearn")
+    except OSError as error:  # urllib's URLError and socket errors are OSErrors
+        raise RuntimeError(
+            f"No face images found at {data_dir / 'faces' / 'orl'} and the Olivetti download "
+            f"into {target} failed ({error}). Connect to the network, or point "
+            "--data.init_args.data_dir (or $ZOO_DATA_DIR) at a folder that contains "
+            "faces/orl/s1/1.pgm ..., or set --data.init_args.root to your own identity folders."
+        ) from error
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".olivetti-"))
     try:
