@@ -19,7 +19,7 @@ The workers run one after another in this process (:func:`zoo.privacy.diff2.simu
 They use the same code and noise as the DDP workers of the Lightning module, and a test
 checks that both give the same iterates.
 
-Example (the tables and figures of docs/benchmarks/privacy-diff2.md)::
+Example (the tables and figures of docs/benchmarks.md)::
 
     ZOO_DATA_DIR=/path/to/data python benchmarks/diff2_study.py \\
         --out docs/figures/diff2-study.json --figures docs/figures

@@ -1,6 +1,6 @@
 """Evaluate a trained face checkpoint on its verification pairs and export it to the hub.
 
-Usage (after ``ZOO_DATA_DIR=../shared/data zoo train face-unpg``)::
+Usage (after ``zoo train face-unpg``)::
 
     python benchmarks/face_export_pretrained.py \\
         --ckpt runs/face-unpg/checkpoints/last.ckpt --name face-unpg --model face-unpg

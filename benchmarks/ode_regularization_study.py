@@ -8,9 +8,9 @@ as wall time and as the sum of the forward NFE over all training batches, which 
 depend on the load of a shared machine. Ratios against the unregularized model are
 printed as a Markdown table and saved as JSON.
 
-Example (the MNIST table of docs/benchmarks/ode-models.md)::
+Example (the MNIST table of docs/benchmarks.md)::
 
-    python benchmarks/ode_regularization_study.py --task mnist --data-dir ../shared/data \\
+    python benchmarks/ode_regularization_study.py --task mnist --data-dir "$ZOO_DATA_DIR" \\
         --epochs 3 --subset 10000 --out docs/benchmarks/ode-mnist-study.json
 """
 

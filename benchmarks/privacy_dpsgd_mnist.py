@@ -7,7 +7,7 @@ checkpoint ``checkpoints/NAME.pt`` with its manifest.
 
 Usage::
 
-    python benchmarks/privacy_dpsgd_mnist.py --data-dir ../shared/data \\
+    python benchmarks/privacy_dpsgd_mnist.py --data-dir "$ZOO_DATA_DIR" \\
         --models dp-mnist-eps1 dp-mnist-eps3 dp-mnist-eps8 --export dp-mnist-eps3
 """
 
