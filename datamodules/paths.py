@@ -1,4 +1,4 @@
-"""Where datasets live on disk, and checksummed downloads into that place."""
+"""Data-directory resolution and checksummed downloads into that directory."""
 
 from __future__ import annotations
 

@@ -45,8 +45,8 @@ class ZooCLI(LightningCLI):
 
         Args:
             args: command-line arguments, starting with the subcommand.
-            run_name: name of the run folder under ``runs/``; by default the stem of the
-                last ``--config`` file.
+            run_name: name of the run folder under ``runs/``. The default is the stem of
+                the last ``--config`` file.
         """
         self.run_name = run_name
         super().__init__(
@@ -103,7 +103,7 @@ def default_loggers(root: str, run_name: str) -> list[Logger]:
     """Return the CSV logger and, unless ``WANDB_MODE=disabled``, a Weights & Biases logger.
 
     Weights & Biases runs offline (files under ``ROOT/wandb``) unless the environment sets
-    ``WANDB_MODE=online``; ``wandb sync`` uploads an offline run later.
+    ``WANDB_MODE=online``. ``wandb sync`` uploads an offline run later.
     """
     loggers: list[Logger] = [CSVLogger(save_dir=root, name="csv")]
     wandb_mode = os.environ.get("WANDB_MODE", "offline").lower()
@@ -133,8 +133,8 @@ def format_listing(pattern: str = "*") -> str:
         manifest = hub.read_manifest(name)
         metric = manifest.get("metric", {})
         value = metric.get("value")
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        line = f"  {name:<24} model={manifest.get('model')}  {metric.get('name')}={shown}"
+        value_text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        line = f"  {name:<24} model={manifest.get('model')}  {metric.get('name')}={value_text}"
         line += f" on {metric.get('data')}"
         privacy = (manifest.get("extra") or {}).get("privacy")
         if privacy:
