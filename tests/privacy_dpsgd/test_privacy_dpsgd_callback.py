@@ -261,7 +261,11 @@ def test_dpsgd_rejects_trainer_settings(
         ({"target_epsilon": -1.0}, ValueError, "target_epsilon must be a positive"),
         ({"noise_multiplier": 1.0, "target_delta": 1.5}, ValueError, "target_delta must be < 1"),
         ({"noise_multiplier": 1.0, "max_grad_norm": 0.0}, ValueError, "max_grad_norm"),
-        ({"noise_multiplier": 1.0, "grad_sample_mode": "ew"}, ValueError, "'ew' is not supported"),
+        (
+            {"noise_multiplier": 1.0, "grad_sample_mode": "ghosts"},
+            ValueError,
+            "'ghosts' is not supported",
+        ),
         ({"noise_multiplier": 1.0, "accountant": "moments"}, ValueError, "Unknown accountant"),
         ({"noise_multiplier": 1.0, "max_physical_batch_size": 0}, ValueError, ">= 1"),
         ({"noise_multiplier": "1"}, TypeError, "noise_multiplier must be a number"),

@@ -6,18 +6,23 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from opacus.accountants import RDPAccountant
 
 from tests.helpers import REPO_ROOT, run_zoo
 
 
-def test_dp_mnist_config_under_two_process_ddp(shared_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("mode", "active"), [("auto", "ew"), ("ghost", "ghost")])
+def test_dp_mnist_config_under_two_process_ddp(
+    shared_data: Path, tmp_path: Path, mode: str, active: str
+) -> None:
     config = yaml.safe_load((REPO_ROOT / "configs" / "dp-mnist-eps3.yaml").read_text())
     dpsgd = config["trainer"]["callbacks"][0]["init_args"]
     # The RDP accountant calibrates in well under a second; PRV takes several.
     dpsgd["accountant"] = "rdp"
     dpsgd["max_physical_batch_size"] = 48
+    dpsgd["grad_sample_mode"] = mode
     config["data"]["init_args"].update({"subset": 1024, "val_size": 1000, "batch_size": 128})
     config["trainer"].update({"max_epochs": 1, "limit_val_batches": 2})
     config_path = tmp_path / "dp-mnist-ddp.yaml"
@@ -46,6 +51,7 @@ def test_dp_mnist_config_under_two_process_ddp(shared_data: Path, tmp_path: Path
     )
     output = process.stdout + process.stderr
     assert "DifferentiallyPrivateDistributedDataParallel" in output
+    assert f"grad_sample_mode={active}," in output
 
     metrics_files = list((tmp_path / "run").rglob("metrics.csv"))
     assert len(metrics_files) == 1
@@ -58,8 +64,6 @@ def test_dp_mnist_config_under_two_process_ddp(shared_data: Path, tmp_path: Path
     epsilon = float(rows[0]["privacy/epsilon"])
     assert 3.0 - 0.02 <= epsilon <= 3.0
     checkpoint = next((tmp_path / "run").rglob("last.ckpt"))
-    import torch
-
     privacy = torch.load(checkpoint, weights_only=True)["privacy"]
     reference = RDPAccountant()
     reference.history = [(privacy["noise_multiplier"], 1 / 8, 8)]

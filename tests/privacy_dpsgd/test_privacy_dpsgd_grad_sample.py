@@ -36,7 +36,7 @@ class _DiscardedCallModel(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(model: pl.LightningModule) -> None:
+def _fit(model: pl.LightningModule, mode: str = "hooks") -> None:
     generator = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(64, 4, generator=generator), torch.randint(0, 2, (64,)))
     trainer = pl.Trainer(
@@ -47,7 +47,7 @@ def _fit(model: pl.LightningModule) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[DPSGD(noise_multiplier=1.0, accountant="rdp", seed=0)],
+        callbacks=[DPSGD(noise_multiplier=1.0, accountant="rdp", seed=0, grad_sample_mode=mode)],
     )
     trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=16))
 
@@ -55,6 +55,15 @@ def _fit(model: pl.LightningModule) -> None:
 def test_dpsgd_names_parameters_without_grad_sample() -> None:
     with pytest.raises(ValueError, match=r"no per-sample gradient for parameters inner\.weight"):
         _fit(_DiscardedCallModel(discard=True))
+
+
+def test_expanded_weights_train_despite_discarded_call() -> None:
+    # Expanded weights compute per-example gradients in the backward pass of the loss
+    # alone, so an evaluation whose output is dropped does not disturb them.
+    model = _DiscardedCallModel(discard=True)
+    before = model.inner.weight.detach().clone()
+    _fit(model, mode="ew")
+    assert not torch.equal(model.inner.weight, before)
 
 
 def test_dpsgd_trains_when_every_call_reaches_loss() -> None:

@@ -73,12 +73,16 @@ class Classifier(pl.LightningModule):
         """Return class logits ``[B, num_classes]``."""
         return self.net(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        """Return the mean loss and, for DP-SGD's ghost clipping, each example's loss."""
         x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        losses = F.cross_entropy(self(x), y, reduction="none")
+        loss = losses.mean()
         # Rank zero's loss only: synchronising it would add a collective to every step.
         self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=len(y))
-        return loss
+        return {"loss": loss, "per_example_loss": losses}
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc)

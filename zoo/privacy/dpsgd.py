@@ -43,13 +43,16 @@ from opacus.optimizers import DPOptimizer, get_optimizer_class
 from zoo.privacy import accounting
 from zoo.privacy.compatibility import make_trainable_with_dp
 from zoo.privacy.loader import PoissonTrainLoader, sampling_generator
+from zoo.privacy.modes import (
+    GRAD_SAMPLE_MODES,
+    ExpandedWeightsStep,
+    GhostClippingStep,
+    resolve_grad_sample_mode,
+)
+
+__all__ = ["DPSGD", "GRAD_SAMPLE_MODES"]
 
 logger = logging.getLogger(__name__)
-
-#: Opacus per-sample gradient modes this callback runs. "ew" (expanded weights) needs the
-#: forward call to go through Opacus' wrapper with the batch as the only input, and "ghost"
-#: (ghost clipping) needs per-sample losses, which a generic ``training_step`` does not give.
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch")
 
 #: Version of the privacy state layout stored in checkpoints.
 STATE_VERSION = 1
@@ -85,7 +88,10 @@ class DPSGD(Callback):
         max_physical_batch_size: Largest number of examples put through the model at once;
             larger logical batches are split, and their gradients accumulated before one
             private step. ``None`` processes each logical batch at once.
-        grad_sample_mode: Opacus per-sample gradient mode, one of :data:`GRAD_SAMPLE_MODES`.
+        grad_sample_mode: Opacus per-sample gradient mode, one of :data:`GRAD_SAMPLE_MODES`
+            (see :mod:`zoo.privacy.modes`). ``"auto"`` runs expanded weights (``"ew"``) when
+            every trainable layer supports them and ``"hooks"`` otherwise. ``"ghost"`` needs
+            ``training_step`` to return ``{"loss": ..., "per_example_loss": ...}``.
         accountant: Opacus accountant: ``"prv"`` (Opacus' default, tightest), ``"rdp"``
             (about 10x faster to evaluate) or ``"gdp"`` (approximate).
         epochs: Planned epochs for calibrating the noise from ``target_epsilon``;
@@ -111,7 +117,7 @@ class DPSGD(Callback):
         noise_multiplier: float | None = None,
         max_grad_norm: float = 1.0,
         max_physical_batch_size: int | None = None,
-        grad_sample_mode: str = "hooks",
+        grad_sample_mode: str = "auto",
         accountant: str = "prv",
         epochs: int | None = None,
         fix_model: bool = True,
@@ -138,9 +144,8 @@ class DPSGD(Callback):
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(
                 f"grad_sample_mode {grad_sample_mode!r} is not supported here; choose one of "
-                f"{', '.join(GRAD_SAMPLE_MODES)}. Opacus' 'ew' mode needs the model's forward "
-                "call to take only the batch, and 'ghost' needs per-sample losses, which a "
-                "LightningModule's training_step does not expose."
+                f"{', '.join(GRAD_SAMPLE_MODES)} ('auto' picks the fastest one that can "
+                "train the model)."
             )
         accounting.check_accountant_name(accountant)
         if epochs is not None:
@@ -156,6 +161,8 @@ class DPSGD(Callback):
         self.max_grad_norm = float(max_grad_norm)
         self.max_physical_batch_size = max_physical_batch_size
         self.grad_sample_mode = grad_sample_mode
+        #: The Opacus mode of the current fit: ``grad_sample_mode`` with "auto" resolved.
+        self.active_mode: str | None = None
         self.accountant_name = accountant
         self.epochs = epochs
         self.fix_model = fix_model
@@ -179,6 +186,7 @@ class DPSGD(Callback):
         self.optimizer: DPOptimizer | None = None
         self.train_loader: PoissonTrainLoader | None = None
         self._hooks: Any = None
+        self._step_wrapper: ExpandedWeightsStep | GhostClippingStep | None = None
         self._original_optimizer: torch.optim.Optimizer | None = None
         self._data_source: Any = None
         self._original_data_instance: Any = None
@@ -226,7 +234,7 @@ class DPSGD(Callback):
             "expected_batch_size": self.expected_batch_size,
             "steps": self.steps,
             "total_steps": accounting.total_steps(self.history),
-            "grad_sample_mode": self.grad_sample_mode,
+            "grad_sample_mode": self.active_mode or self.grad_sample_mode,
             "history": [list(entry) for entry in self.history],
             "prior_history": [list(entry) for entry in self.prior_history],
             "prior_source": self.prior_source,
@@ -307,18 +315,31 @@ class DPSGD(Callback):
             )
         # Re-validate: a module may have built layers in its own setup() after ours ran.
         make_trainable_with_dp(pl_module, fix=False)
-        self._hooks = prepare_module(
-            model,
-            grad_sample_mode=self.grad_sample_mode,
-            wrap_model=False,
-            batch_first=True,
-            loss_reduction="mean",
-        )
-        # Poisson sampling and gradient accumulation across steps do not mix; Opacus raises
-        # if per-sample gradients of two steps are about to be summed.
-        self._hooks.forbid_grad_accumulation()
-        self.functorch_layers = _functorch_layers(self._hooks, model, pl_module)
-        if self.functorch_layers and self.grad_sample_mode == "hooks":
+        mode = self.active_mode = resolve_grad_sample_mode(self.grad_sample_mode, pl_module)
+        self.functorch_layers = []
+        if mode == "ew":
+            self._step_wrapper = ExpandedWeightsStep(pl_module)
+        else:
+            extra = {"max_grad_norm": self.max_grad_norm} if mode == "ghost" else {}
+            self._hooks = prepare_module(
+                model,
+                grad_sample_mode=mode,
+                wrap_model=False,
+                batch_first=True,
+                loss_reduction="mean",
+                **extra,
+            )
+            # Poisson sampling and gradient accumulation across steps do not mix; Opacus
+            # raises if per-sample gradients of two steps are about to be summed.
+            self._hooks.forbid_grad_accumulation()
+            self.functorch_layers = _functorch_layers(self._hooks, model, pl_module)
+            if mode == "ghost":
+                self._step_wrapper = GhostClippingStep(
+                    pl_module, self._hooks, lambda: self.optimizer
+                )
+        if self._step_wrapper is not None:
+            self._step_wrapper.install()
+        if self.functorch_layers and mode in ("hooks", "ghost"):
             rank_zero_info(
                 "DP-SGD: Opacus has no grad sampler for layers "
                 f"{', '.join(self.functorch_layers)}; torch.func computes their per-sample "
@@ -337,7 +358,7 @@ class DPSGD(Callback):
 
         self._original_optimizer = trainer.optimizers[0]
         optimizer_class = get_optimizer_class(
-            clipping="flat", distributed=distributed, grad_sample_mode=self.grad_sample_mode
+            clipping="flat", distributed=distributed, grad_sample_mode=mode
         )
         self.optimizer = optimizer_class(
             self._original_optimizer,
@@ -374,7 +395,7 @@ class DPSGD(Callback):
             f"DP-SGD: noise_multiplier={self.noise_multiplier:.4g}, "
             f"max_grad_norm={self.max_grad_norm:g}, sample_rate={self.sample_rate:.4g} "
             f"(expected batch {int(dataset_size * self.sample_rate)} of {dataset_size}), "
-            f"{self.train_loader.steps_per_epoch} steps per epoch, grad_sample_mode={self.grad_sample_mode}, "
+            f"{self.train_loader.steps_per_epoch} steps per epoch, grad_sample_mode={mode}, "
             f"accountant={self.accountant_name}, delta={self.target_delta:g}, "
             f"epsilon so far={self.epsilon():.3f}"
             + ("" if remaining is None else f", private steps left in budget={remaining}")
@@ -395,7 +416,8 @@ class DPSGD(Callback):
                 "DPOptimizer, which would train without privacy. Another callback or the "
                 "strategy replaced the optimizer after DPSGD installed it."
             )
-        _check_grad_samples(optimizer, pl_module, self.functorch_layers)
+        if self.active_mode != "ghost":
+            _check_grad_samples(optimizer, pl_module, self.functorch_layers)
         is_private_step = not optimizer._check_skip_next_step(pop_next=False)
         if is_private_step and self._budget_spent():
             raise RuntimeError(
@@ -479,6 +501,9 @@ class DPSGD(Callback):
         if self._hooks is not None:
             self._hooks.remove_hooks()
             self._hooks = None
+        if self._step_wrapper is not None:
+            self._step_wrapper.remove()
+            self._step_wrapper = None
         for parameter in pl_module.parameters():
             for name in ("grad_sample", "summed_grad", "_current_grad_sample"):
                 if hasattr(parameter, name):

@@ -1,0 +1,193 @@
+"""DPSGD callback in every Opacus mode: one private step equals the clipped, noised mean."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from zoo.privacy.dpsgd import DPSGD
+from zoo.privacy.modes import batch_size_of, layers_without_expanded_weights
+
+MAX_GRAD_NORM = 0.05
+LR = 1.0
+
+
+class _SmallNet(pl.LightningModule):
+    """Convolution, GroupNorm and linear layers; the step returns per-example losses too."""
+
+    def __init__(self, regularize: float = 0.0, per_example: bool = True) -> None:
+        super().__init__()
+        self.regularize = regularize
+        self.per_example = per_example
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3),
+            nn.GroupNorm(2, 4),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * 6 * 6, 3),
+        )
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Any:
+        x, y = batch
+        losses = F.cross_entropy(self.net(x), y, reduction="none")
+        loss = losses.mean()
+        if self.regularize:
+            loss = loss + self.regularize * self.net[4].weight.pow(2).sum()
+        if not self.per_example:
+            return loss
+        return {"loss": loss, "per_example_loss": losses}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+
+class _BatchProbe(Callback):
+    def __init__(self) -> None:
+        self.batches: list[tuple[Tensor, Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append((batch[0].clone(), batch[1].clone()))
+
+
+def _data() -> TensorDataset:
+    generator = torch.Generator().manual_seed(0)
+    return TensorDataset(
+        torch.randn(64, 1, 8, 8, generator=generator),
+        torch.randint(0, 3, (64,), generator=generator),
+    )
+
+
+def _fit(model: pl.LightningModule, dpsgd: DPSGD, callbacks: list[Callback] = ()) -> pl.Trainer:
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[dpsgd, *callbacks],
+    )
+    trainer.fit(model, train_dataloaders=DataLoader(_data(), batch_size=16))
+    return trainer
+
+
+def _clipped_sum(model: _SmallNet, x: Tensor, y: Tensor) -> list[Tensor]:
+    """Sum over examples of each example's gradient clipped to MAX_GRAD_NORM, one at a time."""
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    for xi, yi in zip(x, y, strict=True):
+        model.zero_grad()
+        F.cross_entropy(model.net(xi[None]), yi[None]).backward()
+        grads = [p.grad for p in model.parameters()]
+        norm = torch.sqrt(sum((g * g).sum() for g in grads))
+        factor = min(1.0, MAX_GRAD_NORM / (norm.item() + 1e-6))
+        for acc, grad in zip(total, grads, strict=True):
+            acc += factor * grad
+    return total
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew", "ghost"])
+def test_private_step_is_clipped_mean_plus_calibrated_noise(mode: str) -> None:
+    updates = {}
+    for noise_multiplier in (1e-9, 2.0):
+        torch.manual_seed(0)
+        model = _SmallNet()
+        start = copy.deepcopy(model)
+        probe = _BatchProbe()
+        dpsgd = DPSGD(
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=MAX_GRAD_NORM,
+            grad_sample_mode=mode,
+            accountant="rdp",
+            seed=3,
+        )
+        _fit(model, dpsgd, [probe])
+        assert dpsgd.active_mode == mode
+        assert dpsgd.steps == 1 and len(probe.batches) == 1
+        x, y = probe.batches[0]
+        expected = [-LR * g / dpsgd.expected_batch_size for g in _clipped_sum(start, x, y)]
+        actual = [
+            a.detach() - b.detach()
+            for a, b in zip(model.parameters(), start.parameters(), strict=True)
+        ]
+        updates[noise_multiplier] = (actual, expected)
+
+    # Without noise: exactly the mean of the clipped per-example gradients.
+    actual, expected = updates[1e-9]
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-7)
+    # With noise: the deviation is Gaussian with std sigma * C / B on every coordinate.
+    actual, expected = updates[2.0]
+    noise = torch.cat([(a - e).flatten() for a, e in zip(actual, expected, strict=True)])
+    std = LR * 2.0 * MAX_GRAD_NORM / dpsgd.expected_batch_size
+    assert noise.numel() > 400
+    assert noise.std().item() == pytest.approx(std, rel=0.1)
+    assert abs(noise.mean().item()) < 4 * std / noise.numel() ** 0.5
+
+
+def test_auto_picks_expanded_weights_only_when_every_layer_supports_them() -> None:
+    torch.manual_seed(0)
+    plain = DPSGD(noise_multiplier=1.0, accountant="rdp")
+    _fit(_SmallNet(), plain)
+    assert plain.active_mode == "ew"
+    assert plain.privacy_state()["grad_sample_mode"] == "ew"
+
+    model = _SmallNet()
+    model.net[2] = nn.PReLU()
+    assert layers_without_expanded_weights(model) == ["net.2"]
+    fallback = DPSGD(noise_multiplier=1.0, accountant="rdp")
+    _fit(model, fallback)
+    assert fallback.active_mode == "hooks"
+
+
+def test_ew_rejects_unsupported_layer() -> None:
+    model = _SmallNet()
+    model.net[2] = nn.PReLU()
+    with pytest.raises(ValueError, match=r"'ew' cannot train layers net\.2.*'hooks'"):
+        _fit(model, DPSGD(noise_multiplier=1.0, grad_sample_mode="ew"))
+
+
+def test_ew_explains_unsupported_operation() -> None:
+    with pytest.raises(ValueError, match=r"grad_sample_mode 'ew'.*cannot handle function pow"):
+        _fit(_SmallNet(regularize=0.1), DPSGD(noise_multiplier=1.0, grad_sample_mode="ew"))
+
+
+def test_ghost_needs_per_example_losses() -> None:
+    with pytest.raises(ValueError, match=r"'ghost' needs _SmallNet\.training_step to return"):
+        _fit(_SmallNet(per_example=False), DPSGD(noise_multiplier=1.0, grad_sample_mode="ghost"))
+
+
+def test_ghost_rejects_loss_terms_outside_per_example_losses() -> None:
+    with pytest.raises(ValueError, match=r"mean of 'per_example_loss' is .* would be dropped"):
+        _fit(
+            _SmallNet(regularize=0.1),
+            DPSGD(noise_multiplier=1.0, grad_sample_mode="ghost", accountant="rdp"),
+        )
+
+
+def test_modes_leave_module_plain_after_fit() -> None:
+    for mode in ("ew", "ghost"):
+        model = _SmallNet()
+        _fit(model, DPSGD(noise_multiplier=1.0, grad_sample_mode=mode, accountant="rdp"))
+        assert "training_step" not in vars(model) and "backward" not in vars(model)
+
+
+@pytest.mark.parametrize(
+    ("batch", "size"),
+    [(torch.zeros(5, 2), 5), ((torch.tensor(1.0), torch.zeros(3)), 3), ({"x": [torch.ones(4)]}, 4)],
+)
+def test_batch_size_of_nested_batches(batch: Any, size: int) -> None:
+    assert batch_size_of(batch) == size
+
+
+def test_batch_size_of_rejects_batch_without_tensor() -> None:
+    with pytest.raises(LookupError, match="no batched tensor"):
+        batch_size_of(["a", 1])
