@@ -40,13 +40,14 @@ from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer, get_optimizer_class
 
-from zoo.privacy import accounting
+from zoo.privacy import accounting, independence
 from zoo.privacy.compatibility import make_trainable_with_dp
 from zoo.privacy.loader import PoissonTrainLoader, sampling_generator
 from zoo.privacy.modes import (
     GRAD_SAMPLE_MODES,
     ExpandedWeightsStep,
     GhostClippingStep,
+    batch_size_of,
     resolve_grad_sample_mode,
 )
 
@@ -103,6 +104,12 @@ class DPSGD(Callback):
         continue_pretrained_accounting: Start from the privacy history that
             ``zoo.load_pretrained`` attached to the model, so that epsilon covers the
             pretraining on the same data as well.
+        check_independence: Before the first step, check on two examples of the first
+            batch that the loss treats examples independently (see
+            :mod:`zoo.privacy.independence`), and raise if it does not: per-example clipping
+            bounds nothing for a model that mixes examples. Turn it off only for a training
+            step whose two-example gradient differs for a reason that keeps examples
+            independent, such as randomness that eval mode does not switch off.
         prior_checkpoint: Path of a Lightning checkpoint written under this callback,
             whose privacy history (key ``"privacy"``) the accountant continues. Use it when
             the module was loaded with ``load_from_checkpoint`` rather than resumed with
@@ -124,6 +131,7 @@ class DPSGD(Callback):
         seed: int | None = None,
         continue_pretrained_accounting: bool = True,
         prior_checkpoint: str | None = None,
+        check_independence: bool = True,
     ) -> None:
         super().__init__()
         if target_epsilon is None and noise_multiplier is None:
@@ -171,6 +179,7 @@ class DPSGD(Callback):
         if prior_checkpoint is not None and not isinstance(prior_checkpoint, str):
             raise TypeError(f"prior_checkpoint must be a path string, got {prior_checkpoint!r}.")
         self.prior_checkpoint = prior_checkpoint
+        self.check_independence = bool(check_independence)
 
         # Privacy state; restored from checkpoints by load_state_dict.
         self.noise_multiplier: float | None = None
@@ -187,6 +196,8 @@ class DPSGD(Callback):
         self.train_loader: PoissonTrainLoader | None = None
         self._hooks: Any = None
         self._step_wrapper: ExpandedWeightsStep | GhostClippingStep | None = None
+        self._original_step: Any = None
+        self._independence_pending = False
         self._original_optimizer: torch.optim.Optimizer | None = None
         self._data_source: Any = None
         self._original_data_instance: Any = None
@@ -316,6 +327,8 @@ class DPSGD(Callback):
         # Re-validate: a module may have built layers in its own setup() after ours ran.
         make_trainable_with_dp(pl_module, fix=False)
         mode = self.active_mode = resolve_grad_sample_mode(self.grad_sample_mode, pl_module)
+        self._original_step = pl_module.training_step
+        self._independence_pending = self.check_independence
         self.functorch_layers = []
         if mode == "ew":
             self._step_wrapper = ExpandedWeightsStep(pl_module)
@@ -405,6 +418,41 @@ class DPSGD(Callback):
         """Stop at once if a resumed or fine-tuned run has no privacy budget left."""
         if self._budget_spent():
             self._stop(trainer)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """On the first batch with two examples, check that the loss keeps examples apart."""
+        if not self._independence_pending:
+            return
+        try:
+            size = batch_size_of(batch)
+        except LookupError:
+            return  # The training step itself reports the missing batch dimension.
+        if size < 2:
+            return
+        self._independence_pending = False
+        if self._hooks is not None:
+            self._hooks.disable_hooks()
+        try:
+            value = independence.coupling(pl_module, self._original_step, batch, batch_idx, size)
+        finally:
+            if self._hooks is not None:
+                self._hooks.enable_hooks()
+        if value > independence.TOLERANCE:
+            raise ValueError(
+                f"DP-SGD: {type(pl_module).__name__} does not treat the examples of a batch "
+                "independently: the gradient of its loss on two examples differs from the "
+                f"mean of their single-example gradients by {value:.1%}. Per-example clipping "
+                "then bounds no example's influence, so the privacy guarantee would not hold. "
+                "Models that mix examples (BatchNorm, an adaptive ODE solver whose step size "
+                "the batch shares, losses over pairs) cannot be trained with DP-SGD. If only "
+                "randomness that eval mode keeps causes the difference, pass "
+                "check_independence=False."
+            )
+        rank_zero_info(
+            f"DP-SGD: checked that examples are independent (relative difference {value:.1e})"
+        )
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -504,6 +552,7 @@ class DPSGD(Callback):
         if self._step_wrapper is not None:
             self._step_wrapper.remove()
             self._step_wrapper = None
+        self._original_step = None
         for parameter in pl_module.parameters():
             for name in ("grad_sample", "summed_grad", "_current_grad_sample"):
                 if hasattr(parameter, name):
