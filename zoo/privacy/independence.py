@@ -3,15 +3,15 @@
 Per-example clipping bounds one example's influence on a DP-SGD step only if the loss is a
 mean of per-example terms, each depending on its own example alone. Layers that mix the
 examples of a batch break that silently: BatchNorm, an adaptive ODE solver whose step size
-is shared by the batch, a loss over pairs of examples. Some per-example gradient modes
-notice such a model by accident (Opacus' hooks fail on some of them); expanded weights and
-ghost clipping compute something for any model. This module therefore tests the property
-itself: the gradient of the loss on two examples must equal the mean of the gradients of
+is shared by the batch, a loss over pairs of examples. Opacus' hooks fail on some of these
+models by accident, but expanded weights and ghost clipping return gradients for any
+model. This module therefore tests the property itself: the gradient of the loss on two examples must equal the mean of the gradients of
 each example alone.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 
 #: Largest relative difference between the two-example gradient and the mean of the
 #: single-example gradients that still counts as independent. Float32 rounding of batched
-#: and single-example kernels stays below 1e-5.
+#: and single-example kernels gave 5.5e-8 for the Adult MLP of ``dp-adult``.
 TOLERANCE = 1e-3
 
 
@@ -77,7 +77,9 @@ def coupling(
     pl_module.log_dict = _no_log  # type: ignore[method-assign]
     try:
         pl_module.eval()
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # Opacus' backward hooks stay registered (switched off) during the check.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
             pair = gradient(slice(0, 2))
             mean = (gradient(slice(0, 1)) + gradient(slice(1, 2))) / 2
     finally:

@@ -12,11 +12,11 @@ training step differently:
   the ordinary backward pass. :class:`ExpandedWeightsStep` runs ``training_step`` that way.
 - ``ghost`` (ghost clipping, Li et al., "Large Language Models Can Be Strong Differentially
   Private Learners", ICLR 2022): a first backward pass computes only the norms of the
-  per-example gradients, and a second one back-propagates the per-example losses weighted
-  by their clipping factors, which gives the sum of clipped gradients without storing one
-  gradient per example. This needs the per-example losses, so the training step returns
-  them under the key ``"per_example_loss"``; :class:`GhostClippingStep` runs Opacus' two
-  passes in place of Lightning's backward call.
+  per-example gradients. A second one back-propagates the per-example losses weighted by
+  their clipping factors, which gives the sum of clipped gradients without storing one
+  gradient per example. The training step therefore returns the per-example losses under
+  the key ``"per_example_loss"``, and :class:`GhostClippingStep` runs Opacus' two passes in
+  place of Lightning's backward call.
 
 ``"auto"`` picks ``ew`` when every layer with trainable parameters is one that expanded
 weights support (it was the fastest correct mode through Lightning in this zoo's benchmark),
@@ -98,7 +98,7 @@ def batch_size_of(batch: Any) -> int:
     """Return the first dimension of the first batched tensor in a (nested) batch.
 
     Raises:
-        LookupError: If the batch holds no tensor with at least one dimension.
+        LookupError: If the batch contains no tensor with at least one dimension.
     """
     if isinstance(batch, torch.Tensor) and batch.dim() > 0:
         return batch.shape[0]
