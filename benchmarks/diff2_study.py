@@ -6,10 +6,14 @@ Problem: binary classification on the one-hot encoded Adult training split with 
 seeded training split), every epsilon and every seed, both methods start from the same
 initialisation and run ``--rounds`` rounds with the same step size and restart clip:
 
-* DP-GD: DIFF2-GD with ``T = 1``, the whole budget on full clipped gradients.
-* DIFF2-GD: restart every ``--interval`` rounds, difference clip ``L * ||x_r - x_(r-1)||``.
+* DP-GD (``dpgd``): DIFF2-GD with ``T = 1``, the whole budget on full clipped gradients.
+* DIFF2-GD (``diff2``): restart every ``--interval`` rounds, difference clip
+  ``L * ||x_r - x_(r-1)||``.
+* DIFF2-BVR-L-SGD (``diff2-lvr``, only with ``--methods``): the DIFF2-GD messages, then
+  ``--local-steps`` private local steps per worker at Poisson rate ``--local-sample-rate``,
+  local clip ``L * ||x_(k+1) - x_k||`` (see :mod:`zoo.privacy.diff2_local`).
 
-Both calibrate their noise to ``(epsilon, 1e-5)`` for the run with Opacus' RDP accountant.
+All calibrate their noise to ``(epsilon, 1e-5)`` for the run with Opacus' RDP accountant.
 The script reports the final full-gradient norm of the mean training loss (exact, without
 clipping or noise, on the ``n`` records) and the accuracy on ``adult.test``. Both methods
 also run once without noise but with the same clips. These noiseless runs separate the
@@ -23,6 +27,12 @@ Example (the tables and figures of docs/benchmarks.md)::
 
     ZOO_DATA_DIR=/path/to/data python benchmarks/diff2_study.py \\
         --out docs/figures/diff2-study.json --figures docs/figures
+
+The three-way comparison with the local subroutine::
+
+    ZOO_DATA_DIR=/path/to/data python benchmarks/diff2_study.py \\
+        --methods dpgd diff2 diff2-lvr --records 29305 --epsilons 0.5 1 2 --seeds 2 \\
+        --out docs/figures/diff2-lvr-study.json --figures docs/figures --figure-prefix diff2-lvr
 """
 
 from __future__ import annotations
@@ -39,12 +49,21 @@ import torch
 
 from zoo.datamodules.adult import AdultDataModule
 from zoo.privacy.diff2 import Diff2, simulate_diff2
-from zoo.privacy.diff2_accounting import calibrate_noise, diff2_epsilon
+from zoo.privacy.diff2_accounting import (
+    LocalStepsPrivacy,
+    calibrate_noise,
+    calibrate_noise_with_local_steps,
+    diff2_epsilon,
+)
+from zoo.privacy.diff2_local import Diff2BVRLocalSGD
 from zoo.privacy.diff2_module import build_mlp, summed_logistic_loss
 
 logger = logging.getLogger(__name__)
 
 DELTA = 1e-5
+
+METHODS = ("dpgd", "diff2", "diff2-lvr")
+METHOD_NAMES = {"dpgd": "DP-GD", "diff2": "DIFF2-GD", "diff2-lvr": "DIFF2-BVR-L-SGD"}
 
 
 @dataclass
@@ -82,23 +101,43 @@ def run_one(
 ) -> StudyRun:
     """Train one method from the seed's initialisation and measure it."""
     inputs, targets = train
-    interval = args.interval if method == "diff2" else 1
+    interval = 1 if method == "dpgd" else args.interval
+    local: LocalStepsPrivacy | None = None
+    if method == "diff2-lvr":
+        local = LocalStepsPrivacy(args.local_steps, args.local_sample_rate, 0.0)
     if epsilon is None:
-        sigma_restart, sigma_difference = 0.0, 0.0
+        sigma_restart, sigma_difference, sigma_local = 0.0, 0.0, 0.0
+    elif local is not None:
+        sigma_restart, sigma_difference, sigma_local = calibrate_noise_with_local_steps(
+            epsilon, DELTA, args.rounds, interval, local, local_share=args.local_share
+        )
     else:
         sigma_restart, sigma_difference = calibrate_noise(epsilon, DELTA, args.rounds, interval)
+        sigma_local = 0.0
     torch.manual_seed(seed)
     net = build_mlp(inputs.shape[1], args.hidden, "softplus").double()
-    algorithm = Diff2(
-        net,
-        summed_logistic_loss,
-        lr=args.lr,
-        restart_interval=interval,
-        clip_restart=args.clip,
-        noise_multiplier_restart=sigma_restart,
-        noise_multiplier_difference=sigma_difference,
-        smoothness=args.smoothness if interval > 1 else None,
-    )
+    settings = {
+        "lr": args.lr,
+        "restart_interval": interval,
+        "clip_restart": args.clip,
+        "noise_multiplier_restart": sigma_restart,
+        "noise_multiplier_difference": sigma_difference,
+        "smoothness": args.smoothness if interval > 1 else None,
+    }
+    algorithm: Diff2
+    if local is None:
+        algorithm = Diff2(net, summed_logistic_loss, **settings)
+    else:
+        local = LocalStepsPrivacy(args.local_steps, args.local_sample_rate, sigma_local)
+        algorithm = Diff2BVRLocalSGD(
+            net,
+            summed_logistic_loss,
+            local_steps=args.local_steps,
+            local_sample_rate=args.local_sample_rate,
+            noise_multiplier_local=sigma_local,
+            local_smoothness=args.smoothness if args.local_steps > 1 else None,
+            **settings,
+        )
     shards = [(inputs[p :: args.workers], targets[p :: args.workers]) for p in range(args.workers)]
     start = time.perf_counter()
     simulate_diff2(algorithm, shards, args.rounds, noise_seed=1000 + seed)
@@ -110,7 +149,7 @@ def run_one(
     spent = (
         float("inf")
         if epsilon is None
-        else diff2_epsilon(args.rounds, interval, sigma_restart, sigma_difference, DELTA)
+        else diff2_epsilon(args.rounds, interval, sigma_restart, sigma_difference, DELTA, local)
     )
     return StudyRun(
         method=method,
@@ -177,8 +216,33 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], figures: Path) -> list[Path]:
-    """Plot gradient norm and test accuracy against n * epsilon; return the PNG paths."""
+def method_table(rows: list[dict], methods: list[str]) -> str:
+    """Return gradient norm and test accuracy of every method per cell as a Markdown table."""
+    by_cell: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        by_cell.setdefault((row["records"], row["epsilon"]), {})[row["method"]] = row
+    names = [METHOD_NAMES[method] for method in methods]
+    header = ["n", "epsilon"]
+    header += [f"grad norm {name}" for name in names] + [f"test acc {name}" for name in names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    for (records, epsilon), cell in sorted(by_cell.items()):
+        if not all(method in cell for method in methods) or epsilon == float("inf"):
+            continue
+        norms = [
+            f"{cell[m]['grad_norm_median']:.3g} ± {cell[m]['grad_norm_std']:.2g}" for m in methods
+        ]
+        accuracies = [
+            f"{cell[m]['accuracy_mean']:.3f} ± {cell[m]['accuracy_std']:.3f}" for m in methods
+        ]
+        lines.append("| " + " | ".join([str(records), f"{epsilon:g}", *norms, *accuracies]) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], figures: Path, prefix: str = "diff2") -> list[Path]:
+    """Plot gradient norm and test accuracy against n * epsilon; return the PNG paths.
+
+    The files are ``<prefix>-grad-norm.png`` and ``<prefix>-accuracy.png`` in ``figures``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,14 +251,14 @@ def plot(rows: list[dict], figures: Path) -> list[Path]:
     figures.mkdir(parents=True, exist_ok=True)
     written = []
     panels = [
-        ("grad_norm_median", "final full-gradient norm (median over seeds)", "diff2-grad-norm"),
-        ("accuracy_mean", "test accuracy (mean over seeds)", "diff2-accuracy"),
+        ("grad_norm_median", "final full-gradient norm (median over seeds)", "grad-norm"),
+        ("accuracy_mean", "test accuracy (mean over seeds)", "accuracy"),
     ]
     private = [row for row in rows if row["epsilon"] != float("inf")]
     for key, label, stem in panels:
         figure, axis = plt.subplots(figsize=(6, 4))
         for records in sorted({row["records"] for row in private}):
-            for method, style in (("dpgd", "o--"), ("diff2", "s-")):
+            for method, style in (("dpgd", "o--"), ("diff2", "s-"), ("diff2-lvr", "^-.")):
                 points = sorted(
                     (row["n_epsilon"], row[key])
                     for row in private
@@ -202,8 +266,7 @@ def plot(rows: list[dict], figures: Path) -> list[Path]:
                 )
                 if points:
                     xs, ys = zip(*points, strict=True)
-                    name = "DP-GD" if method == "dpgd" else "DIFF2-GD"
-                    axis.plot(xs, ys, style, label=f"{name}, n={records}")
+                    axis.plot(xs, ys, style, label=f"{METHOD_NAMES[method]}, n={records}")
         axis.set_xscale("log")
         if key.startswith("grad"):
             axis.set_yscale("log")
@@ -211,7 +274,7 @@ def plot(rows: list[dict], figures: Path) -> list[Path]:
         axis.set_ylabel(label)
         axis.set_title("UCI Adult, 107-10-1 softplus MLP, delta=1e-5")
         axis.legend(fontsize=7)
-        path = figures / f"{stem}.png"
+        path = figures / f"{prefix}-{stem}.png"
         figure.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(figure)
         written.append(path)
@@ -234,12 +297,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoothness", type=float, default=0.3, help="DIFF2 L")
     parser.add_argument("--hidden", type=int, nargs="+", default=[10], help="hidden widths")
     parser.add_argument("--workers", type=int, default=4, help="simulated workers P")
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=["dpgd", "diff2"], help="methods to run"
+    )
+    parser.add_argument(
+        "--local-steps", type=int, default=3, help="DIFF2-BVR-L-SGD local steps K per round"
+    )
+    parser.add_argument(
+        "--local-sample-rate",
+        type=float,
+        default=0.02,
+        help="DIFF2-BVR-L-SGD Poisson sampling rate q of a local minibatch on a worker's shard",
+    )
+    parser.add_argument(
+        "--local-share",
+        type=float,
+        default=0.5,
+        help="DIFF2-BVR-L-SGD approximate share of the budget spent on local steps",
+    )
+    parser.add_argument(
+        "--figure-prefix", default="diff2", help="file name prefix of the PNGs in --figures"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON file for all runs")
     parser.add_argument("--figures", type=Path, default=None, help="folder for the PNGs")
     args = parser.parse_args(argv)
-    for name in ("seeds", "rounds", "interval", "workers"):
+    for name in ("seeds", "rounds", "interval", "workers", "local_steps"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 < args.local_sample_rate <= 1.0:
+        parser.error(f"--local-sample-rate must be in (0, 1], got {args.local_sample_rate}")
+    if not 0.0 < args.local_share < 1.0:
+        parser.error(f"--local-share must be in (0, 1), got {args.local_share}")
     return args
 
 
@@ -263,13 +351,13 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     for records in args.records:
         train = (all_inputs[:records].to(torch.float64), all_labels[:records].to(torch.float64))
-        for method in ("dpgd", "diff2"):
+        for method in args.methods:
             noiseless = run_one(method, None, 0, train, test, args)
             noiseless.method = f"{method}-noiseless"
             runs.append(noiseless)
         for epsilon in args.epsilons:
             for seed in range(args.seeds):
-                for method in ("dpgd", "diff2"):
+                for method in args.methods:
                     run = run_one(method, epsilon, seed, train, test, args)
                     runs.append(run)
                     logger.info(
@@ -284,7 +372,10 @@ def main(argv: list[str] | None = None) -> None:
                     )
 
     rows = summarise(runs)
-    print(markdown_table(rows))
+    if args.methods == ["dpgd", "diff2"]:
+        print(markdown_table(rows))
+    else:
+        print(method_table(rows, args.methods))
     for run in runs:
         if run.method.endswith("-noiseless"):
             print(
@@ -299,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         payload = {"settings": settings, "runs": [asdict(run) for run in runs], "cells": rows}
         args.out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     if args.figures is not None:
-        for path in plot(rows, args.figures):
+        for path in plot(rows, args.figures, args.figure_prefix):
             print(f"wrote {path}")
 
 

@@ -495,6 +495,14 @@ class Diff2:
         Returns:
             The new estimate ``v_r``.
         """
+        params = self._fold_messages(message_sum, num_records, restart)
+        assert self.estimate is not None
+        self.flat.load_into(self.model, params - self.lr * self.estimate)
+        self.round_index += 1
+        return self.estimate
+
+    def _fold_messages(self, message_sum: Tensor, num_records: int, restart: bool) -> Tensor:
+        """Set ``v_r`` from the summed messages and ``x_(r-1)`` to ``x_r``; return ``x_r``."""
         if num_records < 1:
             raise ValueError(f"num_records must be >= 1, got {num_records}.")
         params = self.flat.flatten(self.model)
@@ -504,9 +512,32 @@ class Diff2:
         else:
             self.estimate = self.estimate + mean
         self.previous_params = params
-        self.flat.load_into(self.model, params - self.lr * self.estimate)
-        self.round_index += 1
-        return self.estimate
+        return params
+
+    def simulate_round(
+        self,
+        shards: Sequence[tuple[Tensor, Tensor]],
+        num_records: int,
+        noise_seed: int,
+    ) -> tuple[WorkerMessage, Tensor]:
+        """Run one round with all workers in this process, in rank order.
+
+        Worker ``p`` draws its noise from ``round_generator(noise_seed, p, r)``, as rank ``p``
+        of the Lightning module does.
+
+        Returns:
+            Worker 0's message (its restart flag and clip are every worker's) and ``v_r``.
+        """
+        round_index = self.round_index
+        messages = [
+            self.worker_message(inputs, targets, round_generator(noise_seed, p, round_index))
+            for p, (inputs, targets) in enumerate(shards)
+        ]
+        total = messages[0].vector.clone()
+        for message in messages[1:]:
+            total += message.vector
+        estimate = self.server_update(total, num_records, messages[0].restart)
+        return messages[0], estimate
 
 
 def check_diff2_arguments(
@@ -563,10 +594,11 @@ def simulate_diff2(
     noise_seed: int,
     callback: Callable[[int, Diff2], None] | None = None,
 ) -> SimulationResult:
-    """Run DIFF2-GD with all workers in this process, in rank order.
+    """Run DIFF2 with all workers in this process, in rank order.
 
-    Worker ``p`` draws its noise from ``round_generator(noise_seed, p, r)``, as rank ``p``
-    of the Lightning module does, so both give the same iterates for the same shards.
+    Every round is :meth:`Diff2.simulate_round`, which draws worker ``p``'s noise as rank
+    ``p`` of the Lightning module does, so both give the same iterates for the same shards.
+    A :class:`~zoo.privacy.diff2_local.Diff2BVRLocalSGD` runs its local steps as well.
 
     Args:
         algorithm: The state to advance; its model's parameters are the starting point.
@@ -581,16 +613,9 @@ def simulate_diff2(
     result = SimulationResult(params=torch.empty(0), restart=[], clip=[], estimate_norm=[])
     for _ in range(rounds):
         round_index = algorithm.round_index
-        messages = [
-            algorithm.worker_message(inputs, targets, round_generator(noise_seed, p, round_index))
-            for p, (inputs, targets) in enumerate(shards)
-        ]
-        total = messages[0].vector.clone()
-        for message in messages[1:]:
-            total += message.vector
-        estimate = algorithm.server_update(total, num_records, messages[0].restart)
-        result.restart.append(messages[0].restart)
-        result.clip.append(messages[0].clip)
+        message, estimate = algorithm.simulate_round(shards, num_records, noise_seed)
+        result.restart.append(message.restart)
+        result.clip.append(message.clip)
         result.estimate_norm.append(float(estimate.norm()))
         if callback is not None:
             callback(round_index, algorithm)

@@ -1,11 +1,14 @@
-"""Lightning module that trains a binary classifier with DIFF2-GD, one worker per process.
+"""Lightning module that trains a binary classifier with DIFF2, one worker per process.
 
 Each DDP process is one DIFF2 worker with its own shard of the training data (the
-shard that Lightning's ``DistributedSampler`` gives it from a full-batch loader). In every
-round each worker computes its privatised message, the processes sum the messages with
-``torch.distributed.all_reduce`` (gloo on CPU, NCCL on GPU), and every process applies the
-same server update. With one process there is one worker. Each training step is one round,
-so an epoch is one round when the loader yields one full batch.
+shard that Lightning's ``DistributedSampler`` gives it from a full-batch loader). That
+sampler shuffles with the epoch, so every round splits the records into new disjoint
+shards. In every round each worker computes its privatised message, the processes sum
+the messages with ``torch.distributed.all_reduce`` (gloo on CPU, NCCL on GPU), and every
+process applies the same server update. With the BVR-L-SGD subroutine each worker then runs its private local
+steps, and the processes sum the record-weighted final iterates with ``all_reduce`` as
+well. With one process there is one worker. Each training step is one round, so an epoch
+is one round when the loader yields one full batch.
 """
 
 from __future__ import annotations
@@ -25,7 +28,15 @@ from torchmetrics.classification import BinaryAccuracy
 
 from zoo.callbacks.figures import log_figure
 from zoo.privacy.diff2 import Diff2, check_diff2_arguments, round_generator
-from zoo.privacy.diff2_accounting import calibrate_noise, diff2_epsilon
+from zoo.privacy.diff2_accounting import (
+    DEFAULT_LOCAL_SHARE,
+    LocalStepsPrivacy,
+    calibrate_noise,
+    calibrate_noise_with_local_steps,
+    check_local_steps_privacy,
+    diff2_epsilon,
+)
+from zoo.privacy.diff2_local import SUBROUTINES, Diff2BVRLocalSGD, local_round_generator
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -98,10 +109,13 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
 
 
 class Diff2Classifier(pl.LightningModule):
-    """Binary classifier (an MLP on tabular features) trained privately with DIFF2-GD.
+    """Binary classifier (an MLP on tabular features) trained privately with DIFF2.
 
-    ``restart_interval=1`` gives DP gradient descent (DP-GD), the baseline. The data must
-    come as one full batch per process and step, for example
+    ``subroutine`` chooses how the server's estimate ``v`` moves the iterate: ``"gd"``
+    (DIFF2-GD, one step ``x <- x - lr * v``) or ``"bvr-l-sgd"`` (``local_steps`` private
+    local SARAH steps per worker, see :mod:`zoo.privacy.diff2_local`).
+    ``restart_interval=1`` with ``"gd"`` gives DP gradient descent (DP-GD), the baseline.
+    The data must come as one full batch per process and step, for example
     ``AdultDataModule(batch_size=-1)``. Training stops after ``rounds`` rounds, so set
     ``trainer.max_epochs`` to at least ``rounds``.
 
@@ -137,6 +151,17 @@ class Diff2Classifier(pl.LightningModule):
         noise_seed: Base seed of the noise (per process and round); ``None`` draws a fresh
             secret seed in every process.
         chunk_size: Examples per vectorised per-example gradient call.
+        subroutine: ``"gd"`` (DIFF2-GD) or ``"bvr-l-sgd"`` (DIFF2-BVR-L-SGD). The settings
+            below apply only to ``"bvr-l-sgd"``.
+        local_steps: ``K``, local steps per round; ``K - 1`` of them are private updates of
+            the local estimate. ``K = 1`` gives the iterates of DIFF2-GD.
+        local_sample_rate: ``q``, Poisson sampling rate of a local minibatch on a worker's
+            shard; the expected minibatch has ``q * records of the worker`` records.
+        clip_local: Fixed ``C3``, per-example clip radius of local updates; ``None`` uses
+            ``C3_k = smoothness * ||x_(k+1) - x_k||``.
+        noise_multiplier_local: ``sigma3`` when ``target_epsilon`` is None.
+        local_share: Approximate share of the budget spent on local steps, in (0, 1); see
+            :func:`~zoo.privacy.diff2_accounting.calibrate_noise_with_local_steps`.
     """
 
     def __init__(
@@ -157,16 +182,24 @@ class Diff2Classifier(pl.LightningModule):
         restart_share: float = 0.5,
         noise_seed: int | None = None,
         chunk_size: int = 4096,
+        subroutine: str = "gd",
+        local_steps: int = 3,
+        local_sample_rate: float = 0.05,
+        clip_local: float | None = None,
+        noise_multiplier_local: float | None = None,
+        local_share: float = DEFAULT_LOCAL_SHARE,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if hidden_sizes is None:
             hidden_sizes = [10]
+        if subroutine not in SUBROUTINES:
+            raise ValueError(f"Unknown subroutine {subroutine!r}; choose one of {SUBROUTINES}.")
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise ValueError(f"rounds must be an int >= 1, got {rounds!r}.")
         if noise_seed is not None and (not isinstance(noise_seed, int) or noise_seed < 0):
             raise ValueError(f"noise_seed must be an int >= 0 or None, got {noise_seed!r}.")
-        sigma_restart, sigma_difference = self._noise_multipliers()
+        sigma_restart, sigma_difference, sigma_local = self._noise_multipliers()
         check_diff2_arguments(
             lr=lr,
             restart_interval=restart_interval,
@@ -178,45 +211,90 @@ class Diff2Classifier(pl.LightningModule):
         )
         self.automatic_optimization = False
         self.net = build_mlp(num_features, list(hidden_sizes), activation).double()
-        self.algorithm = Diff2(
-            self.net,
-            summed_logistic_loss,
-            lr=lr,
-            restart_interval=restart_interval,
-            clip_restart=clip_restart,
-            noise_multiplier_restart=sigma_restart,
-            noise_multiplier_difference=sigma_difference,
-            clip_difference=clip_difference if restart_interval > 1 else None,
-            smoothness=smoothness if restart_interval > 1 else None,
-            chunk_size=chunk_size,
-        )
+        diff2_arguments = {
+            "lr": lr,
+            "restart_interval": restart_interval,
+            "clip_restart": clip_restart,
+            "noise_multiplier_restart": sigma_restart,
+            "noise_multiplier_difference": sigma_difference,
+            "clip_difference": clip_difference if restart_interval > 1 else None,
+            "smoothness": smoothness if restart_interval > 1 else None,
+            "chunk_size": chunk_size,
+        }
+        self.algorithm: Diff2 | Diff2BVRLocalSGD
+        if subroutine == "gd":
+            self.algorithm = Diff2(self.net, summed_logistic_loss, **diff2_arguments)
+        else:
+            uses_local_clip = local_steps > 1
+            self.algorithm = Diff2BVRLocalSGD(
+                self.net,
+                summed_logistic_loss,
+                local_steps=local_steps,
+                local_sample_rate=local_sample_rate,
+                noise_multiplier_local=sigma_local,
+                clip_local=clip_local if uses_local_clip else None,
+                local_smoothness=smoothness if uses_local_clip and clip_local is None else None,
+                **diff2_arguments,
+            )
         self.val_accuracy = BinaryAccuracy()
         self.test_accuracy = BinaryAccuracy()
         self._noise_base_seed: int | None = None
         #: Per-round records of this run (not of resumed earlier runs), for the figure.
         self._history: list[dict[str, float]] = []
 
-    def _noise_multipliers(self) -> tuple[float, float]:
+    @property
+    def uses_local_steps(self) -> bool:
+        """Whether the BVR-L-SGD subroutine runs private local updates (``K > 1``)."""
+        return self.hparams.subroutine == "bvr-l-sgd" and self.hparams.local_steps > 1
+
+    def _noise_multipliers(self) -> tuple[float, float, float]:
+        """Return ``(sigma1, sigma2, sigma3)``; ``sigma3`` is 0 without local updates."""
         hparams = self.hparams
+        local_privacy: LocalStepsPrivacy | None = None
+        if hparams.subroutine == "bvr-l-sgd":
+            local_privacy = LocalStepsPrivacy(
+                hparams.local_steps,
+                hparams.local_sample_rate,
+                hparams.noise_multiplier_local or 0.0,
+            )
+            check_local_steps_privacy(local_privacy)
+            if self.uses_local_steps and hparams.clip_local is None and hparams.smoothness is None:
+                raise ValueError(
+                    "subroutine='bvr-l-sgd' with local_steps > 1 needs clip_local (a fixed "
+                    "C3) or smoothness (for C3 = L * ||x_(k+1) - x_k||); both are None."
+                )
         if hparams.target_epsilon is not None:
             explicit_multipliers = (
                 hparams.noise_multiplier_restart,
                 hparams.noise_multiplier_difference,
+                hparams.noise_multiplier_local,
             )
             if any(value is not None for value in explicit_multipliers):
                 raise ValueError(
                     "Give either target_epsilon or the noise multipliers, not both; got "
                     f"target_epsilon={hparams.target_epsilon}, noise_multiplier_restart="
                     f"{hparams.noise_multiplier_restart}, noise_multiplier_difference="
-                    f"{hparams.noise_multiplier_difference}."
+                    f"{hparams.noise_multiplier_difference}, noise_multiplier_local="
+                    f"{hparams.noise_multiplier_local}."
                 )
-            return calibrate_noise(
+            if local_privacy is not None:
+                return calibrate_noise_with_local_steps(
+                    hparams.target_epsilon,
+                    hparams.delta,
+                    hparams.rounds,
+                    hparams.restart_interval,
+                    local_privacy,
+                    hparams.restart_share,
+                    hparams.local_share,
+                )
+            sigma_restart, sigma_difference = calibrate_noise(
                 hparams.target_epsilon,
                 hparams.delta,
                 hparams.rounds,
                 hparams.restart_interval,
                 hparams.restart_share,
             )
+            return sigma_restart, sigma_difference, 0.0
         if hparams.noise_multiplier_restart is None:
             raise ValueError(
                 "Set target_epsilon (for example 1.0) or noise_multiplier_restart; both are "
@@ -231,11 +309,19 @@ class Diff2Classifier(pl.LightningModule):
                     "target_epsilon instead."
                 )
             difference = 0.0
+        local = hparams.noise_multiplier_local
+        if self.uses_local_steps and local is None:
+            raise ValueError(
+                f"noise_multiplier_local is None but subroutine='bvr-l-sgd' with local_steps="
+                f"{hparams.local_steps} > 1 runs private local updates; set it, or set "
+                "target_epsilon instead."
+            )
         zero_noise = [
             name
             for name, value, used in (
                 ("noise_multiplier_restart", hparams.noise_multiplier_restart, True),
                 ("noise_multiplier_difference", difference, hparams.restart_interval > 1),
+                ("noise_multiplier_local", local, self.uses_local_steps),
             )
             if used and value == 0
         ]
@@ -244,7 +330,8 @@ class Diff2Classifier(pl.LightningModule):
                 f"{' and '.join(zero_noise)} is 0, which would train without privacy "
                 "(infinite epsilon). Set a positive noise multiplier, or set target_epsilon."
             )
-        return float(hparams.noise_multiplier_restart), float(difference)
+        local_multiplier = float(local) if self.uses_local_steps and local is not None else 0.0
+        return float(hparams.noise_multiplier_restart), float(difference), local_multiplier
 
     @property
     def noise_multipliers(self) -> tuple[float, float]:
@@ -254,18 +341,34 @@ class Diff2Classifier(pl.LightningModule):
             self.algorithm.noise_multiplier_difference,
         )
 
-    def privacy_spent(self, rounds: int | None = None) -> dict[str, float | int]:
+    @property
+    def local_privacy(self) -> LocalStepsPrivacy | None:
+        """``K``, ``q`` and ``sigma3`` of the BVR-L-SGD local steps; None for DIFF2-GD."""
+        if not isinstance(self.algorithm, Diff2BVRLocalSGD):
+            return None
+        return self.algorithm.local_privacy
+
+    def privacy_spent(self, rounds: int | None = None) -> dict[str, float | int | str]:
         """Return ``{"epsilon", "delta", "rounds", ...}`` after ``rounds`` rounds.
+
+        With the BVR-L-SGD subroutine the dictionary also has ``subroutine``,
+        ``local_steps``, ``local_sample_rate`` and ``noise_multiplier_local``.
 
         Args:
             rounds: Rounds to account for; ``None`` means the rounds run so far.
         """
         done = self.algorithm.round_index if rounds is None else rounds
         sigma_restart, sigma_difference = self.noise_multipliers
+        local = self.local_privacy
         epsilon = diff2_epsilon(
-            done, self.hparams.restart_interval, sigma_restart, sigma_difference, self.hparams.delta
+            done,
+            self.hparams.restart_interval,
+            sigma_restart,
+            sigma_difference,
+            self.hparams.delta,
+            local,
         )
-        return {
+        spent: dict[str, float | int | str] = {
             "epsilon": epsilon,
             "delta": float(self.hparams.delta),
             "rounds": int(done),
@@ -274,6 +377,12 @@ class Diff2Classifier(pl.LightningModule):
             "noise_multiplier_difference": float(sigma_difference),
             "accountant": "rdp",
         }
+        if local is not None:
+            spent["subroutine"] = "bvr-l-sgd"
+            spent["local_steps"] = int(local.local_steps)
+            spent["local_sample_rate"] = float(local.sample_rate)
+            spent["noise_multiplier_local"] = float(local.noise_multiplier)
+        return spent
 
     def forward(self, features: Tensor) -> Tensor:
         """Return the logits ``[B]`` for features ``[B, num_features]``."""
@@ -331,6 +440,8 @@ class Diff2Classifier(pl.LightningModule):
         all_reduce_sum(counts)
         num_records, num_workers = int(counts[0].item()), int(counts[1].item())
         estimate = self.algorithm.server_update(total, num_records, message.restart)
+        if isinstance(self.algorithm, Diff2BVRLocalSGD):
+            self._run_local_steps(inputs, targets, round_index, num_records)
 
         epsilon = self.privacy_spent()["epsilon"]
         self.log("privacy/epsilon", epsilon, on_step=False, on_epoch=True)
@@ -351,6 +462,23 @@ class Diff2Classifier(pl.LightningModule):
         if self.algorithm.round_index >= self.hparams.rounds:
             self.trainer.should_stop = True
         return None
+
+    def _run_local_steps(
+        self, inputs: Tensor, targets: Tensor, round_index: int, num_records: int
+    ) -> None:
+        """Run this worker's BVR-L-SGD steps and load the record-weighted mean iterate."""
+        assert isinstance(self.algorithm, Diff2BVRLocalSGD)
+        assert self._noise_base_seed is not None
+        generator = local_round_generator(self._noise_base_seed, self.global_rank, round_index)
+        run = self.algorithm.local_iterate(inputs, targets, generator)
+        weighted_sum = all_reduce_sum(run.params * len(inputs))
+        self.algorithm.apply_local_iterates(weighted_sum, num_records)
+        if run.clips:
+            self.log(
+                "train/local_clip", sum(run.clips) / len(run.clips), on_step=False, on_epoch=True
+            )
+            mean_batch = sum(run.batch_sizes) / len(run.batch_sizes)
+            self.log("train/local_batch_size", float(mean_batch), on_step=False, on_epoch=True)
 
     def on_train_end(self) -> None:
         """Log a figure of the clip radius, ``||v||`` and spent epsilon per round."""
@@ -412,22 +540,35 @@ class Diff2Classifier(pl.LightningModule):
         that ran with less noise (for example calibrated for fewer ``rounds`` or a larger
         ``target_epsilon``) would be under-counted.
         """
+        local = self.local_privacy
         saved = (
             int(saved_privacy["restart_interval"]),
             float(saved_privacy["noise_multiplier_restart"]),
             float(saved_privacy["noise_multiplier_difference"]),
+            str(saved_privacy.get("subroutine", "gd")),
+            int(saved_privacy.get("local_steps", 1)),
+            float(saved_privacy.get("local_sample_rate", 1.0)),
+            float(saved_privacy.get("noise_multiplier_local", 0.0)),
         )
-        current = (int(self.hparams.restart_interval), *self.noise_multipliers)
-        same = (
-            saved[0] == current[0]
-            and math.isclose(saved[1], current[1], rel_tol=1e-9)
-            and math.isclose(saved[2], current[2], rel_tol=1e-9)
+        current = (
+            int(self.hparams.restart_interval),
+            *self.noise_multipliers,
+            *(
+                ("gd", 1, 1.0, 0.0)
+                if local is None
+                else ("bvr-l-sgd", local.local_steps, local.sample_rate, local.noise_multiplier)
+            ),
         )
+        same = saved[0] == current[0] and saved[3:6] == current[3:6]
+        for index in (1, 2, 6):
+            same = same and math.isclose(saved[index], current[index], rel_tol=1e-9)
         if not same:
             raise ValueError(
-                "The checkpoint's rounds ran with restart_interval and noise multipliers "
-                f"(sigma1, sigma2) = {saved}, but this run has {current}, so the reported "
+                "The checkpoint's rounds ran with (restart_interval, sigma1, sigma2, "
+                "subroutine, local_steps, local_sample_rate, sigma3) = "
+                f"{saved}, but this run has {current}, so the reported "
                 "epsilon would not cover the earlier rounds. Resume with the model settings "
                 "of the checkpoint's run (rounds, target_epsilon, delta, restart_interval, "
-                "restart_share or the noise multipliers)."
+                "restart_share, subroutine, local_steps, local_sample_rate, local_share or "
+                "the noise multipliers)."
             )
