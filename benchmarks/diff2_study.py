@@ -298,7 +298,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, nargs="+", default=[10], help="hidden widths")
     parser.add_argument("--workers", type=int, default=4, help="simulated workers P")
     parser.add_argument(
-        "--methods", nargs="+", choices=METHODS, default=["dpgd", "diff2"], help="methods to run"
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=["dpgd", "diff2"],
+        help="methods to compare (dpgd, diff2, diff2-lvr)",
     )
     parser.add_argument(
         "--local-steps", type=int, default=3, help="DIFF2-BVR-L-SGD local steps K per round"

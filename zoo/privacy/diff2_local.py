@@ -2,10 +2,12 @@
 
 Murata and Suzuki, "DIFF2: Differential Private Optimization via Gradient Differences for
 Nonconvex Distributed Learning" (ICML 2023), pair DIFF2's private gradient estimate with
-two subroutines: gradient descent (:class:`zoo.privacy.diff2.Diff2`) and a local routine
-built on Murata and Suzuki, "Bias-Variance Reduced Local SGD for Less Heterogeneous
-Federated Learning" (ICML 2021). The routine below is this project's reading of the two
-papers. It has not been checked against the algorithm box of the DIFF2 paper.
+gradient descent (:class:`zoo.privacy.diff2.Diff2`) and, by their abstract, with a more
+computation- and communication-efficient subroutine. This module builds that subroutine
+from the estimator of Murata and Suzuki, "Bias-Variance Reduced Local SGD for Less
+Heterogeneous Federated Learning" (ICML 2021). The routine below is this project's
+reading of the two papers. It has not been checked against the algorithm box of the
+DIFF2 paper.
 
 Round ``r`` runs DIFF2's restart or difference messages exactly as DIFF2-GD does, and the
 server forms the estimate ``v_r``. Then, in place of ``x_(r+1) = x_r - eta v_r``:
@@ -20,9 +22,9 @@ server forms the estimate ``v_r``. Then, in place of ``x_(r+1) = x_r - eta v_r``
 3. The server sets ``x_(r+1)`` to the mean of the workers' ``x_K``, weighted by shard size.
 
 Steps 1 and 2 follow the BVR-L-SGD estimator: a local recursion of gradient differences
-that starts from the global estimate, which removes the bias of plain local SGD. The
-clipping, the noise on each worker, Poisson sampling and the clip rule are this
-project's choices. They make each local update a subsampled Gaussian mechanism that
+that starts from the global estimate, meant to reduce the bias and variance of plain
+local SGD. The clipping, the noise on each worker, Poisson sampling and the clip rule are
+this project's choices. They make each local update a subsampled Gaussian mechanism that
 :mod:`zoo.privacy.diff2_accounting` composes. ``C3_k`` is a fixed public radius or
 ``L * ||x_(k+1) - x_k||``, which depends only on public settings and already-private
 values. Step 3 is a reading as well: the BVR-L-SGD abstract suggests picking one
