@@ -92,6 +92,15 @@ def test_privacy_spent_names_local_settings() -> None:
     assert spent["epsilon"] == diff2_epsilon(6, 2, 2.0, 3.0, 1e-5, local)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"local_steps": 0}, "local_steps"), ({"local_share": 1.5}, "local_share")],
+)
+def test_gd_rejects_invalid_local_settings(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make_local_model(10, subroutine="gd", **kwargs)
+
+
 def test_gd_privacy_spent_has_no_local_keys() -> None:
     model = make_local_model(10, subroutine="gd")
     assert model.local_privacy is None

@@ -18,6 +18,8 @@ With the BVR-L-SGD subroutine (:mod:`zoo.privacy.diff2_local`), every round adds
 worker's shard: Poisson sampling at rate ``q``, per-example clipping to ``C3`` and noise
 of std ``sigma3 * C3``. A record sits on one worker, so a run adds ``R * (K - 1)`` such
 mechanisms to the composition, which Opacus' ``compute_rdp`` accounts for at rate ``q``.
+A local update divides by the expected sample size ``q * n_p`` of a shard of ``n_p``
+records, and ``n_p`` is treated as public like ``N``.
 """
 
 from __future__ import annotations

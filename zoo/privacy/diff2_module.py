@@ -250,19 +250,23 @@ class Diff2Classifier(pl.LightningModule):
     def _noise_multipliers(self) -> tuple[float, float, float]:
         """Return ``(sigma1, sigma2, sigma3)``; ``sigma3`` is 0 without local updates."""
         hparams = self.hparams
-        local_privacy: LocalStepsPrivacy | None = None
-        if hparams.subroutine == "bvr-l-sgd":
-            local_privacy = LocalStepsPrivacy(
-                hparams.local_steps,
-                hparams.local_sample_rate,
-                hparams.noise_multiplier_local or 0.0,
+        # The local settings are checked with "gd" too, so that a typo there still raises.
+        local_privacy: LocalStepsPrivacy | None = LocalStepsPrivacy(
+            hparams.local_steps,
+            hparams.local_sample_rate,
+            hparams.noise_multiplier_local or 0.0,
+        )
+        check_local_steps_privacy(local_privacy)
+        share = hparams.local_share
+        if not (isinstance(share, (int, float)) and 0.0 < share < 1.0):
+            raise ValueError(f"local_share must be in (0, 1), got {share!r}.")
+        if hparams.subroutine == "gd":
+            local_privacy = None
+        elif self.uses_local_steps and hparams.clip_local is None and hparams.smoothness is None:
+            raise ValueError(
+                "subroutine='bvr-l-sgd' with local_steps > 1 needs clip_local (a fixed "
+                "C3) or smoothness (for C3 = L * ||x_(k+1) - x_k||); both are None."
             )
-            check_local_steps_privacy(local_privacy)
-            if self.uses_local_steps and hparams.clip_local is None and hparams.smoothness is None:
-                raise ValueError(
-                    "subroutine='bvr-l-sgd' with local_steps > 1 needs clip_local (a fixed "
-                    "C3) or smoothness (for C3 = L * ||x_(k+1) - x_k||); both are None."
-                )
         if hparams.target_epsilon is not None:
             explicit_multipliers = (
                 hparams.noise_multiplier_restart,
