@@ -599,6 +599,9 @@ def simulate_diff2(
     Every round is :meth:`Diff2.simulate_round`, which draws worker ``p``'s noise as rank
     ``p`` of the Lightning module does, so both give the same iterates for the same shards.
     A :class:`~zoo.privacy.diff2_local.Diff2BVRLocalSGD` runs its local steps as well.
+    Under DDP, Lightning's ``DistributedSampler`` draws new shards every round. Only the
+    local steps depend on them, so to reproduce a DDP run of DIFF2-BVR-L-SGD, call
+    :meth:`Diff2.simulate_round` with each round's shards.
 
     Args:
         algorithm: The state to advance; its model's parameters are the starting point.
