@@ -38,7 +38,7 @@ def test_accuracy(model: Diff2Classifier, data: AdultDataModule) -> float:
 
 
 def train_once(name: str, noise_seed: int, data_dir: str | None) -> tuple[float, float]:
-    """Train config ``name`` with ``noise_seed``; return (test accuracy, spent epsilon)."""
+    """Train config ``name`` with ``noise_seed`` and return (test accuracy, spent epsilon)."""
     config = hub.load_config(name)
     pl.seed_everything(config.get("seed_everything", 0))
     model = hub.create_model(name, noise_seed=noise_seed)

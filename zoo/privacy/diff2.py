@@ -502,7 +502,7 @@ class Diff2:
         return self.estimate
 
     def _fold_messages(self, message_sum: Tensor, num_records: int, restart: bool) -> Tensor:
-        """Set ``v_r`` from the summed messages and ``x_(r-1)`` to ``x_r``; return ``x_r``."""
+        """Set ``v_r`` from the summed messages and ``x_(r-1)`` to ``x_r``, and return ``x_r``."""
         if num_records < 1:
             raise ValueError(f"num_records must be >= 1, got {num_records}.")
         params = self.flat.flatten(self.model)

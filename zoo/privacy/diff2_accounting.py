@@ -54,7 +54,7 @@ class LocalStepsPrivacy:
         local_steps: ``K``, local steps per round. Each round runs ``K - 1`` private
             mechanisms, because the first local step uses the server's estimate as it is.
         sample_rate: ``q``, Poisson sampling rate of each local minibatch on a worker's shard.
-        noise_multiplier: ``sigma3``; the noise std of a local step is ``sigma3 * C3``.
+        noise_multiplier: ``sigma3``. The noise std of a local step is ``sigma3 * C3``.
     """
 
     local_steps: int
@@ -88,7 +88,7 @@ def diff2_accountant(
 ) -> RDPAccountant:
     """Return an Opacus RDP accountant that has recorded ``rounds`` rounds of DIFF2.
 
-    ``local`` adds the local steps of the BVR-L-SGD subroutine; ``None`` is DIFF2-GD.
+    ``local`` adds the local steps of the BVR-L-SGD subroutine, and ``None`` is DIFF2-GD.
     """
     restarts, differences = count_rounds(rounds, restart_interval)
     accountant = RDPAccountant()
@@ -113,7 +113,7 @@ def diff2_epsilon(
 ) -> float:
     """Return the epsilon that ``rounds`` rounds of DIFF2 spend at ``delta``.
 
-    ``local`` adds the local steps of the BVR-L-SGD subroutine; ``None`` is DIFF2-GD.
+    ``local`` adds the local steps of the BVR-L-SGD subroutine, and ``None`` is DIFF2-GD.
     Zero rounds spend nothing. A zero multiplier on a mechanism that runs means no privacy
     (infinite epsilon).
     """
@@ -286,7 +286,7 @@ def calibrate_noise_with_local_steps(
         delta: Target delta in (0, 1).
         rounds: Rounds ``R`` the budget must cover.
         restart_interval: ``T``.
-        local: ``K`` and ``q`` of the local steps; its ``noise_multiplier`` is ignored.
+        local: ``K`` and ``q`` of the local steps. Its ``noise_multiplier`` is ignored.
         restart_share: Share of the DIFF2 rounds' budget that restart rounds get, in (0, 1).
         local_share: Approximate share of the whole budget that local steps get, in (0, 1).
         tolerance: Relative accuracy of the bisection on ``rho``.

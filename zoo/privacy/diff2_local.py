@@ -81,12 +81,12 @@ class Diff2BVRLocalSGD(Diff2):
     :meth:`apply_local_iterates`, which loads the weighted mean as the next iterate.
 
     Args:
-        model: The network to train; see :class:`Diff2`.
+        model: The network to train, as in :class:`Diff2`.
         loss_fn: Loss summed over the batch.
         local_steps: ``K`` >= 1, local steps per round.
         local_sample_rate: ``q`` in (0, 1], Poisson sampling rate of the local minibatches.
-        noise_multiplier_local: ``sigma3``; the noise std of a local update is ``sigma3 * C3``.
-        clip_local: Fixed ``C3``; give this or ``local_smoothness``, not both.
+        noise_multiplier_local: ``sigma3``. A local update's noise std is ``sigma3 * C3``.
+        clip_local: Fixed ``C3``. Give this or ``local_smoothness``, not both.
         local_smoothness: ``L`` in ``C3_k = L * ||x_(k+1) - x_k||``.
         **diff2_arguments: Keyword arguments of :class:`Diff2` (``lr``, ``restart_interval``,
             ``clip_restart``, the multipliers, ``clip_difference``, ``smoothness``,
@@ -157,14 +157,14 @@ class Diff2BVRLocalSGD(Diff2):
         Args:
             inputs: The worker's records, all of them (its shard).
             targets: Their targets, in the form ``loss_fn`` expects.
-            generator: Source of the Poisson samples and the noise; see
+            generator: Source of the Poisson samples and the noise, from
                 :func:`local_round_generator`.
 
         Returns:
             The worker's final iterate ``x_K`` and the clips and sample sizes it used.
         """
         if self.estimate is None:
-            raise RuntimeError("local_iterate needs the estimate v_r; call server_update first.")
+            raise RuntimeError("local_iterate needs the estimate v_r. Call server_update first.")
         params = self.flat.flatten(self.model)
         estimate = self.estimate.clone()
         expected_batch_size = self.local_sample_rate * len(inputs)

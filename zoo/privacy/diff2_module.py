@@ -153,14 +153,14 @@ class Diff2Classifier(pl.LightningModule):
         chunk_size: Examples per vectorised per-example gradient call.
         subroutine: ``"gd"`` (DIFF2-GD) or ``"bvr-l-sgd"`` (DIFF2-BVR-L-SGD). The settings
             below apply only to ``"bvr-l-sgd"``.
-        local_steps: ``K``, local steps per round; ``K - 1`` of them are private updates of
+        local_steps: ``K``, local steps per round. ``K - 1`` of them are private updates of
             the local estimate. ``K = 1`` gives the iterates of DIFF2-GD.
         local_sample_rate: ``q``, Poisson sampling rate of a local minibatch on a worker's
-            shard; the expected minibatch has ``q * records of the worker`` records.
-        clip_local: Fixed ``C3``, per-example clip radius of local updates; ``None`` uses
+            shard. The expected minibatch has ``q * records of the worker`` records.
+        clip_local: Fixed ``C3``, per-example clip radius of local updates. ``None`` uses
             ``C3_k = smoothness * ||x_(k+1) - x_k||``.
         noise_multiplier_local: ``sigma3`` when ``target_epsilon`` is None.
-        local_share: Approximate share of the budget spent on local steps, in (0, 1); see
+        local_share: Approximate share of the budget spent on local steps, in (0, 1), as in
             :func:`~zoo.privacy.diff2_accounting.calibrate_noise_with_local_steps`.
     """
 
@@ -248,7 +248,7 @@ class Diff2Classifier(pl.LightningModule):
         return self.hparams.subroutine == "bvr-l-sgd" and self.hparams.local_steps > 1
 
     def _noise_multipliers(self) -> tuple[float, float, float]:
-        """Return ``(sigma1, sigma2, sigma3)``; ``sigma3`` is 0 without local updates."""
+        """Return ``(sigma1, sigma2, sigma3)``, with ``sigma3 = 0`` when no local update runs."""
         hparams = self.hparams
         # The local settings are checked with "gd" too, so that a typo there still raises.
         local_privacy: LocalStepsPrivacy | None = LocalStepsPrivacy(
@@ -265,7 +265,7 @@ class Diff2Classifier(pl.LightningModule):
         elif self.uses_local_steps and hparams.clip_local is None and hparams.smoothness is None:
             raise ValueError(
                 "subroutine='bvr-l-sgd' with local_steps > 1 needs clip_local (a fixed "
-                "C3) or smoothness (for C3 = L * ||x_(k+1) - x_k||); both are None."
+                "C3) or smoothness (for C3 = L * ||x_(k+1) - x_k||), but both are None."
             )
         if hparams.target_epsilon is not None:
             explicit_multipliers = (
