@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
@@ -35,6 +37,54 @@ logger = logging.getLogger(__name__)
 
 RUNS_DIR = "runs"
 WANDB_PROJECT = "zoo"
+
+#: Trainer options where an int counts batches and a float is a fraction of the epoch.
+#: jsonargparse parses both ``1`` and ``1.0`` of these as the float 1.0 (a whole epoch).
+INT_OR_FRACTION_OPTIONS = (
+    "limit_train_batches",
+    "limit_val_batches",
+    "limit_test_batches",
+    "limit_predict_batches",
+    "overfit_batches",
+    "val_check_interval",
+)
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def integer_trainer_options(args: list[str]) -> dict[str, int]:
+    """Return the options of :data:`INT_OR_FRACTION_OPTIONS` that ``args`` give as integers.
+
+    Both ``--trainer.KEY VALUE`` and ``--trainer.KEY=VALUE`` count, and so does the
+    ``trainer`` section of every ``--config`` file. A later value replaces an earlier one,
+    as in LightningCLI; a later non-integer value removes the key.
+    """
+    found: dict[str, int] = {}
+
+    def record(key: str, value: object) -> None:
+        if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+            found[key] = int(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            found[key] = value
+        else:
+            found.pop(key, None)
+
+    for index, token in enumerate(args):
+        name, equals, inline = token.partition("=")
+        if equals:
+            value = inline
+        elif index + 1 < len(args):
+            value = args[index + 1]
+        else:
+            continue
+        if name == "--config" and Path(value).is_file():
+            config = yaml.safe_load(Path(value).read_text()) or {}
+            trainer = config.get("trainer") if isinstance(config, dict) else None
+            for key in INT_OR_FRACTION_OPTIONS:
+                if isinstance(trainer, dict) and key in trainer:
+                    record(key, trainer[key])
+        elif name.startswith("--trainer.") and name[len("--trainer.") :] in INT_OR_FRACTION_OPTIONS:
+            record(name[len("--trainer.") :], value)
+    return found
 
 
 class ZooCLI(LightningCLI):
@@ -49,6 +99,7 @@ class ZooCLI(LightningCLI):
                 the last ``--config`` file.
         """
         self.run_name = run_name
+        self._raw_args = list(sys.argv[1:] if args is None else args)
         super().__init__(
             subclass_mode_model=True,
             subclass_mode_data=True,
@@ -73,9 +124,12 @@ class ZooCLI(LightningCLI):
         trainer_config = self._get(self.config, "trainer")
         if not trainer_config.get("default_root_dir"):
             trainer_config["default_root_dir"] = os.path.join(RUNS_DIR, self._resolve_run_name())
+        _restore_integers(trainer_config, self._raw_args)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer_config = self._get(self.config_init, "trainer", default={})
+        # Instantiation parsed the options again, so the integers set before it are floats.
+        _restore_integers(trainer_config, self._raw_args)
         root = trainer_config["default_root_dir"]
         run_name = Path(root).name
 
@@ -97,6 +151,13 @@ class ZooCLI(LightningCLI):
             callbacks.append(LineProgress())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+
+def _restore_integers(trainer_config: Any, args: list[str]) -> None:
+    """Set the batch-count options that ``args`` give as integers back to int values."""
+    for key, value in integer_trainer_options(args).items():
+        if trainer_config.get(key) == value:
+            trainer_config[key] = value
 
 
 def default_loggers(root: str, run_name: str) -> list[Logger]:

@@ -158,3 +158,35 @@ def test_registered_config_parses(name: str, capsys: pytest.CaptureFixture[str])
         main(["train", name, "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "class_path" in capsys.readouterr().out
+
+
+def test_integer_batch_limit_counts_batches(iris_config: Path, tmp_path: Path) -> None:
+    run_zoo(
+        ["fit", "--config", str(iris_config), "--trainer.limit_train_batches", "1"],
+        cwd=tmp_path,
+        env=TOY_ENV,
+    )
+    checkpoint = torch.load(
+        tmp_path / "runs" / "iris" / "checkpoints" / "last.ckpt", weights_only=False
+    )
+    # Three epochs of one batch each; read as the fraction 1.0 they would be whole epochs.
+    assert checkpoint["global_step"] == 3
+
+
+def test_integer_trainer_options_follow_argument_order(tmp_path: Path) -> None:
+    from zoo.cli import integer_trainer_options
+
+    config = tmp_path / "limits.yaml"
+    config.write_text("trainer:\n  limit_val_batches: 2\n  val_check_interval: 0.5\n")
+    args = [
+        "fit",
+        "--trainer.limit_train_batches",
+        "1",
+        "--config",
+        str(config),
+        "--trainer.limit_test_batches=0.25",
+        "--trainer.limit_val_batches=3",
+        "--trainer.max_steps",
+        "4",
+    ]
+    assert integer_trainer_options(args) == {"limit_train_batches": 1, "limit_val_batches": 3}
