@@ -6,9 +6,9 @@ import logging
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from zoo.datamodules.sampling import seeded_loader
+from zoo.datamodules.splits import SplitLoaders
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(SplitLoaders, pl.LightningDataModule):
     """The UCI optical-recognition digits that ship with scikit-learn; needs no download.
 
     1,797 grey images of 8 x 8 pixels (values 0-16, scaled to [0, 1] and then standardized
@@ -51,6 +51,8 @@ class DigitsDataModule(pl.LightningDataModule):
         seed: Seed of the split and of the training shuffle.
         num_workers: DataLoader worker processes.
     """
+
+    dataset_name = "digits"
 
     def __init__(
         self,
@@ -104,38 +106,3 @@ class DigitsDataModule(pl.LightningDataModule):
             len(val_index),
             len(test_index),
         )
-
-    def train_dataloader(self) -> DataLoader:
-        """Return the shuffled training loader; the shuffle order follows ``seed``."""
-        return seeded_loader(
-            self._require(self.train_set, "train"),
-            batch_size=self.batch_size,
-            seed=self.seed,
-            num_workers=self.num_workers,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        """Return the validation loader in fixed order."""
-        return self._eval_loader(self.val_set, "validation")
-
-    def test_dataloader(self) -> DataLoader:
-        """Return the test loader in fixed order."""
-        return self._eval_loader(self.test_set, "test")
-
-    def predict_dataloader(self) -> DataLoader:
-        """Return the test images for prediction."""
-        return self._eval_loader(self.test_set, "test")
-
-    def _eval_loader(self, dataset: TensorDataset | None, name: str) -> DataLoader:
-        return DataLoader(
-            self._require(dataset, name),
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-        )
-
-    @staticmethod
-    def _require(dataset: TensorDataset | None, name: str) -> TensorDataset:
-        if dataset is None:
-            raise RuntimeError(f"The digits {name} set is not loaded: call setup() first.")
-        return dataset

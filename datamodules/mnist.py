@@ -11,10 +11,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from zoo.datamodules.paths import DATA_DIR_ENV, download_with_checksum, resolve_data_dir
-from zoo.datamodules.sampling import seeded_loader
+from zoo.datamodules.splits import SplitLoaders
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def load_mnist_split(folder: Path, train: bool) -> tuple[torch.Tensor, torch.Ten
     return x, y
 
 
-class MNISTDataModule(pl.LightningDataModule):
+class MNISTDataModule(SplitLoaders, pl.LightningDataModule):
     """MNIST handwritten digits: 60,000 training and 10,000 test images, 28 x 28 grey.
 
     Reads the four original IDX ``.gz`` files from ``<data_dir>/mnist/``. When a file is
@@ -128,6 +128,8 @@ class MNISTDataModule(pl.LightningDataModule):
         mirror: Base URL that contains the four ``.gz`` files; ``None`` uses ``$ZOO_MNIST_MIRROR``
             or the mirror torchvision uses.
     """
+
+    dataset_name = "MNIST"
 
     def __init__(
         self,
@@ -225,42 +227,6 @@ class MNISTDataModule(pl.LightningDataModule):
             if self.subset is not None:
                 x_test, y_test = x_test[: self.subset], y_test[: self.subset]
             self.test_set = TensorDataset(x_test, y_test)
-
-    def train_dataloader(self) -> DataLoader:
-        """Return the shuffled training loader; the shuffle order follows ``seed``."""
-        return seeded_loader(
-            self._require(self.train_set, "train"),
-            batch_size=self.batch_size,
-            seed=self.seed,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        """Return the validation loader (held-out training images, fixed order)."""
-        return self._eval_loader(self.val_set, "validation")
-
-    def test_dataloader(self) -> DataLoader:
-        """Return the loader of the 10,000 official test images (fixed order)."""
-        return self._eval_loader(self.test_set, "test")
-
-    def predict_dataloader(self) -> DataLoader:
-        """Return the test images for prediction."""
-        return self._eval_loader(self.test_set, "test")
-
-    def _eval_loader(self, dataset: Dataset | None, name: str) -> DataLoader:
-        return DataLoader(
-            self._require(dataset, name),
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-        )
-
-    @staticmethod
-    def _require(dataset: Dataset | None, name: str) -> Dataset:
-        if dataset is None:
-            raise RuntimeError(f"The MNIST {name} set is not loaded: call setup() first.")
-        return dataset
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
