@@ -239,3 +239,16 @@ def test_ode_classifier_is_rejected_as_coupling_examples() -> None:
     )
     with pytest.raises(ValueError, match=r"ODEClassifier does not treat the examples"):
         trainer.fit(model, DigitsDataModule(batch_size=16))
+
+
+def test_noise_is_not_determined_by_global_seed() -> None:
+    weights = []
+    for seed in (None, None, 5, 5):
+        pl.seed_everything(0)
+        model = _SmallNet()
+        _fit(model, DPSGD(noise_multiplier=1.0, accountant="rdp", seed=seed))
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    # Unset, the seed comes from the operating system, so equal configs give fresh noise.
+    assert not torch.allclose(weights[0], weights[1])
+    # An explicit seed repeats batches and noise exactly.
+    assert torch.equal(weights[2], weights[3])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import types
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from opacus.optimizers import DPOptimizer, get_optimizer_class
 
 from zoo.privacy import accounting, independence
 from zoo.privacy.compatibility import make_trainable_with_dp
-from zoo.privacy.loader import PoissonTrainLoader, sampling_generator
+from zoo.privacy.loader import PoissonTrainLoader, noise_generator, sampling_generator
 from zoo.privacy.modes import (
     GRAD_SAMPLE_MODES,
     ExpandedWeightsStep,
@@ -99,8 +100,11 @@ class DPSGD(Callback):
             ``None`` uses ``trainer.max_epochs``.
         fix_model: Replace layers Opacus cannot train (BatchNorm becomes GroupNorm) and log
             each replacement; if false, such layers raise ``ValueError``.
-        seed: Seed of the Poisson sampling; ``None`` uses ``torch.initial_seed()``, which
-            ``seed_everything`` sets.
+        seed: Seed of the Poisson sampling and of the noise. ``None`` (the default) draws a
+            fresh seed from the operating system's entropy in every fit, so that neither
+            the batches nor the noise can be rebuilt from the run's config. An int makes
+            both repeatable for tests and debugging, and voids the guarantee against
+            anyone who knows it: subtracting the regenerated noise undoes the privacy.
         continue_pretrained_accounting: Start from the privacy history that
             ``zoo.load_pretrained`` attached to the model, so that epsilon covers the
             pretraining on the same data as well.
@@ -380,15 +384,27 @@ class DPSGD(Callback):
             expected_batch_size=self.expected_batch_size,
             loss_reduction="mean",
         )
+
         self.optimizer.attach_step_hook(
             self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate)
         )
         trainer.strategy.optimizers = [self.optimizer]
 
-        seed = torch.initial_seed() if self.seed is None else self.seed
+        if self.seed is None:
+            seed = secrets.randbits(63)
+        else:
+            seed = self.seed
+            rank_zero_warn(
+                f"DP-SGD: seed={seed} makes the Poisson batches and the noise repeatable, so "
+                "anyone who knows the seed can remove the noise. Leave seed unset (None) "
+                "for a private run."
+            )
         # The same generator in every process: all draw one global Poisson mask, which keeps
         # their physical batch counts equal (see DistributedPoissonBatchSampler).
         seed = int(trainer.strategy.broadcast(seed, src=0))
+        self.optimizer.generator = noise_generator(
+            seed, self.steps, trainer.global_rank, pl_module.device
+        )
         self.train_loader = PoissonTrainLoader(
             base_loader,
             self.sample_rate,

@@ -28,6 +28,19 @@ def sampling_generator(seed: int, steps_done: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def noise_generator(seed: int, steps_done: int, rank: int, device: torch.device) -> torch.Generator:
+    """Return the generator of the DP noise of one process, on the parameters' device.
+
+    Its stream differs from the sampling stream of :func:`sampling_generator` and from the
+    other processes' streams. Under DDP only rank 0 adds noise, but every rank gets its own
+    stream all the same.
+    """
+    state = np.random.SeedSequence([seed, steps_done, rank, 1]).generate_state(2, dtype=np.uint32)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(state[0]) << 32 | int(state[1]))
+    return generator
+
+
 class DistributedPoissonBatchSampler(Sampler[list[int]]):
     """Poisson batches for DDP processes that agree on the number of physical batches.
 
