@@ -194,22 +194,121 @@ def test_batch_size_of_rejects_batch_without_tensor() -> None:
 
 
 class _BatchCentered(_SmallNet):
-    """Subtracts the batch mean of the features, so each loss depends on every example."""
+    """In training mode, subtracts the batch mean of the features: each loss sees every example."""
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Any:
         x, y = batch
         features = self.net[:4](x)
-        losses = F.cross_entropy(self.net[4](features - features.mean(0)), y, reduction="none")
+        if self.training:
+            features = features - features.mean(0)
+        losses = F.cross_entropy(self.net[4](features), y, reduction="none")
         return {"loss": losses.mean(), "per_example_loss": losses}
 
 
+class _BatchStatistics(_SmallNet):
+    """Normalizes the features with batch statistics in training mode, as BatchNorm does."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Any:
+        x, y = batch
+        features = F.batch_norm(self.net[:4](x), None, None, training=self.training)
+        losses = F.cross_entropy(self.net[4](features), y, reduction="none")
+        return {"loss": losses.mean(), "per_example_loss": losses}
+
+
+class _Penalized(_SmallNet):
+    """Adds a weight penalty to every example's loss."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Any:
+        x, y = batch
+        penalty = 0.5 * self.net[4].weight.pow(2).sum()
+        losses = F.cross_entropy(self.net(x), y, reduction="none") + penalty
+        return {"loss": losses.mean(), "per_example_loss": losses}
+
+
+class _TiedOutput(_SmallNet):
+    """Reuses the last layer's weight in a second, functional projection."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Any:
+        x, y = batch
+        features = self.net[:4](x)
+        logits = self.net[4](features) + F.linear(features, self.net[4].weight)
+        losses = F.cross_entropy(logits, y, reduction="none")
+        return {"loss": losses.mean(), "per_example_loss": losses}
+
+
+class _CalledTwice(_SmallNet):
+    """Calls the last layer twice in one step."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Any:
+        x, y = batch
+        features = self.net[:4](x)
+        logits = self.net[4](features) + self.net[4](0.5 * features)
+        losses = F.cross_entropy(logits, y, reduction="none")
+        return {"loss": losses.mean(), "per_example_loss": losses}
+
+
+class _ModuleScale(_SmallNet):
+    """Has a parameter of its own, outside every layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Any:
+        x, y = batch
+        losses = F.cross_entropy(self.scale * self.net(x), y, reduction="none")
+        return {"loss": losses.mean(), "per_example_loss": losses}
+
+
+class _WithDropout(_SmallNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net.insert(4, nn.Dropout(0.5))
+
+
 @pytest.mark.parametrize("mode", ["hooks", "ew", "ghost"])
-def test_model_mixing_examples_is_rejected_in_every_mode(mode: str) -> None:
-    model = _BatchCentered()
+@pytest.mark.parametrize(
+    ("model_class", "match"),
+    [
+        (_BatchCentered, r"_BatchCentered does not treat the examples of a batch independently"),
+        (_BatchStatistics, r"_BatchStatistics.training_step failed on a batch of one example"),
+    ],
+)
+def test_model_mixing_examples_is_rejected(mode: str, model_class: type, match: str) -> None:
+    model = model_class()
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"does not treat the examples of a batch independently"):
+    with pytest.raises(ValueError, match=match):
         _fit(model, DPSGD(noise_multiplier=1.0, grad_sample_mode=mode, accountant="rdp"))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("model_class", "mode", "match"),
+    [
+        (_Penalized, "hooks", r"net\.4\.weight \(\d"),
+        (_Penalized, "ghost", r"\(gradient norm\)"),
+        (_TiedOutput, "hooks", r"net\.4\.weight \(\d"),
+        (_TiedOutput, "ghost", r"\(gradient norm\)"),
+        (_CalledTwice, "ghost", r"tied or reused weights"),
+        (_ModuleScale, "hooks", r"parameters scale belong to _ModuleScale itself"),
+    ],
+)
+def test_unclipped_parameter_use_is_rejected(model_class: type, mode: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _fit(model_class(), DPSGD(noise_multiplier=1.0, grad_sample_mode=mode, accountant="rdp"))
+
+
+def test_tied_weight_trains_with_expanded_weights() -> None:
+    dpsgd = DPSGD(noise_multiplier=1.0, grad_sample_mode="ew", accountant="rdp")
+    _fit(_TiedOutput(), dpsgd)
+    assert dpsgd.steps == 1
+
+
+@pytest.mark.parametrize("mode", ["auto", "hooks", "ghost"])
+def test_dropout_model_passes_audit(mode: str) -> None:
+    dpsgd = DPSGD(noise_multiplier=1.0, grad_sample_mode=mode, accountant="rdp")
+    _fit(_WithDropout(), dpsgd)
+    assert dpsgd.steps == 1
 
 
 def test_independence_check_can_be_switched_off() -> None:
@@ -252,3 +351,52 @@ def test_noise_is_not_determined_by_global_seed() -> None:
     assert not torch.allclose(weights[0], weights[1])
     # An explicit seed repeats batches and noise exactly.
     assert torch.equal(weights[2], weights[3])
+
+
+@pytest.mark.parametrize("mode", ["ew", "hooks", "ghost"])
+def test_empty_poisson_batches_still_take_noisy_steps(mode: str) -> None:
+    # An expected batch of one example out of 64 leaves about a third of the batches empty.
+    class _Sizes(Callback):
+        sizes: list[int] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.sizes.append(len(batch[1]))
+
+    probe = _Sizes()
+    probe.sizes = []
+    model = _SmallNet()
+    dpsgd = DPSGD(noise_multiplier=1.0, grad_sample_mode=mode, accountant="rdp", seed=1)
+    trainer = pl.Trainer(
+        max_steps=20,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[dpsgd, probe],
+    )
+    trainer.fit(model, train_dataloaders=DataLoader(_data(), batch_size=1))
+    assert 0 in probe.sizes
+    assert dpsgd.steps == trainer.global_step == 20
+
+
+def test_batch_limit_with_physical_batches_is_rejected() -> None:
+    dpsgd = DPSGD(noise_multiplier=1.0, accountant="rdp", max_physical_batch_size=4)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[dpsgd],
+    )
+    with pytest.raises(ValueError, match=r"limit_train_batches=1 with max_physical_batch_size=4"):
+        trainer.fit(_SmallNet(), train_dataloaders=DataLoader(_data(), batch_size=16))
+
+
+def test_unreachable_budget_names_the_target() -> None:
+    with pytest.raises(
+        ValueError, match=r"target_epsilon=1e-06 at delta=1e-05.*Raise target_epsilon"
+    ):
+        _fit(_SmallNet(), DPSGD(target_epsilon=1e-6, accountant="rdp", epochs=1))

@@ -123,16 +123,24 @@ def calibrate_noise_multiplier(
     prior = normalise_history(prior_history)
     check_accountant_name(accountant)
     if total_steps(prior) == 0:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-                epsilon_tolerance=epsilon_tolerance,
+        try:
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=accountant,
+                    epsilon_tolerance=epsilon_tolerance,
+                )
             )
-        )
+        except ValueError as error:
+            # Opacus' search raises "The privacy budget is too low." without the values.
+            raise ValueError(
+                f"No noise multiplier keeps epsilon below target_epsilon={target_epsilon} at "
+                f"delta={delta} for {steps} steps at sample rate {sample_rate:.4g} ({error}). "
+                "Raise target_epsilon, or train fewer epochs."
+            ) from error
 
     prior_epsilon = epsilon_of(prior, delta, accountant)
     if prior_epsilon >= target_epsilon:

@@ -566,9 +566,15 @@ def check_diff2_arguments(
     for name, value in multipliers.items():
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+    # A zero radius would clip every gradient difference to nothing.
     for name, value in {"clip_difference": clip_difference, "smoothness": smoothness}.items():
-        if value is not None and not (isinstance(value, (int, float)) and value >= 0):
-            raise ValueError(f"{name} must be a number >= 0 or None, got {value!r}.")
+        if value is not None and not (
+            isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+        ):
+            raise ValueError(
+                f"{name} must be a finite number > 0 or None, got {value!r}. Set it "
+                "positive, or to None to use the other difference clip."
+            )
     if restart_interval > 1 and (clip_difference is None) == (smoothness is None):
         raise ValueError(
             "Give exactly one of clip_difference (a fixed C2) and smoothness (L, for "

@@ -211,29 +211,100 @@ def calibrate_noise(
 DEFAULT_LOCAL_SHARE = 0.5
 
 
-def _local_step_rho(sample_rate: float) -> float:
-    # Estimated Rényi DP per local step, divided by alpha / sigma3^2: 2 q^2 for a small
-    # sampling rate q, and exactly 1/2 (the plain Gaussian mechanism) at q = 1.
-    return min(2.0 * sample_rate**2, 0.5)
+def _rdp_budgets(target_epsilon: float, delta: float) -> list[tuple[float, float]]:
+    # (order, Rényi DP that Opacus' conversion turns into exactly target_epsilon at this
+    # order) for every default order with a positive budget. The conversion adds an
+    # order-dependent offset to the Rényi DP, which is epsilon at zero Rényi DP.
+    budgets = []
+    with warnings.catch_warnings():
+        # With a single order, Opacus warns that the optimal order is the smallest one.
+        warnings.simplefilter("ignore", UserWarning)
+        for order in RDPAccountant.DEFAULT_ALPHAS:
+            offset, _ = get_privacy_spent(orders=[order], rdp=[0.0], delta=delta)
+            if target_epsilon - offset > 0:
+                budgets.append((float(order), float(target_epsilon - offset)))
+    return budgets
 
 
-def _multipliers_for_budget(
-    rho: float,
+def _local_multiplier_for_rdp(sample_rate: float, steps: int, order: float, rdp: float) -> float:
+    # Smallest sigma3 (up to a relative 1e-9) whose `steps` subsampled Gaussian mechanisms
+    # have Rényi DP at most `rdp` at `order`, by bisection on log(sigma3): compute_rdp
+    # falls as sigma3 grows.
+    def cost(sigma: float) -> float:
+        return float(compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=order))
+
+    low, high = 1.0, 1.0
+    while cost(high) > rdp:
+        low, high = high, 2.0 * high
+    while cost(low) <= rdp:
+        if low < 1e-6:
+            raise ValueError(
+                f"No local noise multiplier above 1e-6 reaches the Rényi-DP budget {rdp} at "
+                f"order {order}; lower local_share or target_epsilon."
+            )
+        low, high = 0.5 * low, low
+    while high - low > 1e-9 * high:
+        middle = math.sqrt(low * high)
+        if cost(middle) <= rdp:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+@dataclass(frozen=True)
+class _LocalSplit:
+    # What calibrate_noise_with_local_steps needs to turn a reference order and a budget
+    # scale into multipliers.
+    counts: tuple[int, int, int]
+    sample_rate: float
+    restart_share: float
+    local_share: float
+
+    def multipliers(self, order: float, budget: float) -> tuple[float, float, float]:
+        restarts, differences, local_mechanisms = self.counts
+        global_rho = (1.0 - self.local_share) * budget / order
+        if differences == 0:
+            sigma_restart, sigma_difference = math.sqrt(restarts / (2.0 * global_rho)), 0.0
+        else:
+            sigma_restart = math.sqrt(restarts / (2.0 * self.restart_share * global_rho))
+            sigma_difference = math.sqrt(
+                differences / (2.0 * (1.0 - self.restart_share) * global_rho)
+            )
+        sigma_local = _local_multiplier_for_rdp(
+            self.sample_rate, local_mechanisms, order, self.local_share * budget
+        )
+        return sigma_restart, sigma_difference, sigma_local
+
+
+def diff2_rdp(
+    multipliers: tuple[float, float, float],
     counts: tuple[int, int, int],
     sample_rate: float,
-    restart_share: float,
-    local_share: float,
-) -> tuple[float, float, float]:
+) -> tuple[list[float], list[float]]:
+    """Return the Rényi DP of the DIFF2 messages and of the local steps at Opacus' orders.
+
+    Args:
+        multipliers: ``(sigma1, sigma2, sigma3)``, all > 0 where their mechanisms run.
+        counts: ``(restart rounds, difference rounds, local mechanisms)``.
+        sample_rate: ``q`` of the local steps.
+
+    Returns:
+        ``(messages, local)``, one value per order of ``RDPAccountant.DEFAULT_ALPHAS``.
+    """
+    sigma_restart, sigma_difference, sigma_local = multipliers
     restarts, differences, local_mechanisms = counts
-    global_rho = (1.0 - local_share) * rho
-    if differences == 0:
-        sigma_restart, sigma_difference = math.sqrt(restarts / (2.0 * global_rho)), 0.0
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    gaussian_rho = restarts / (2.0 * sigma_restart**2) if restarts else 0.0
+    if differences:
+        gaussian_rho += differences / (2.0 * sigma_difference**2)
+    if local_mechanisms:
+        local = compute_rdp(
+            q=sample_rate, noise_multiplier=sigma_local, steps=local_mechanisms, orders=orders
+        )
     else:
-        sigma_restart = math.sqrt(restarts / (2.0 * restart_share * global_rho))
-        sigma_difference = math.sqrt(differences / (2.0 * (1.0 - restart_share) * global_rho))
-    per_step = _local_step_rho(sample_rate)
-    sigma_local = math.sqrt(per_step * local_mechanisms / (local_share * rho))
-    return sigma_restart, sigma_difference, sigma_local
+        local = [0.0] * len(orders)
+    return [gaussian_rho * order for order in orders], [float(value) for value in local]
 
 
 def _epsilon_of_multipliers(
@@ -241,22 +312,17 @@ def _epsilon_of_multipliers(
     counts: tuple[int, int, int],
     sample_rate: float,
     delta: float,
-) -> float:
-    sigma_restart, sigma_difference, sigma_local = multipliers
-    restarts, differences, local_mechanisms = counts
-    orders = RDPAccountant.DEFAULT_ALPHAS
-    gaussian_rho = restarts / (2.0 * sigma_restart**2)
-    if differences:
-        gaussian_rho += differences / (2.0 * sigma_difference**2)
-    local_rdp = compute_rdp(
-        q=sample_rate, noise_multiplier=sigma_local, steps=local_mechanisms, orders=orders
-    )
-    rdp = [gaussian_rho * order + local for order, local in zip(orders, local_rdp, strict=True)]
+) -> tuple[float, float]:
+    # (epsilon, the order at which Opacus' conversion reaches it).
+    messages, local = diff2_rdp(multipliers, counts, sample_rate)
+    rdp = [message + step for message, step in zip(messages, local, strict=True)]
     with warnings.catch_warnings():
-        # Bisection probes large multipliers, where Opacus warns that the largest order wins.
+        # Large multipliers make the largest order optimal, and Opacus warns about that.
         warnings.simplefilter("ignore", UserWarning)
-        epsilon, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
-    return float(epsilon)
+        epsilon, order = get_privacy_spent(
+            orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
+        )
+    return float(epsilon), float(order)
 
 
 def calibrate_noise_with_local_steps(
@@ -271,15 +337,24 @@ def calibrate_noise_with_local_steps(
 ) -> tuple[float, float, float]:
     """Return ``(sigma1, sigma2, sigma3)`` so that DIFF2 with local steps spends the target.
 
-    A bisection over a budget ``rho`` gives the restart and difference rounds
-    ``(1 - local_share) * rho``, split by ``restart_share`` as in :func:`calibrate_noise`,
-    and the ``R * (K - 1)`` local steps ``local_share * rho``. The split takes the Rényi DP
-    of one local step at sampling rate ``q`` as ``min(2 q^2, 1/2) * alpha / sigma3^2``,
-    which is an estimate for ``q < 1/2``. So ``local_share`` is the local steps'
-    approximate share of the budget. The epsilon of every candidate is computed exactly
-    with Opacus' ``compute_rdp``, so the result spends ``target_epsilon`` up to
-    ``tolerance``, and never more. With ``K = 1`` there are no local mechanisms, and the
-    result is :func:`calibrate_noise`'s with ``sigma3 = 0``.
+    The budget is split in Rényi DP at a reference order ``alpha``. Let ``B(alpha)`` be
+    the Rényi DP that Opacus converts to ``target_epsilon`` at order ``alpha``. The
+    restart and difference rounds get ``(1 - local_share) * B(alpha)``, split by
+    ``restart_share`` as in :func:`calibrate_noise`. ``sigma3`` is set so that the exact
+    Rényi DP of the ``R * (K - 1)`` local steps at ``alpha`` (Opacus' ``compute_rdp``) is
+    ``local_share * B(alpha)``. This holds for every sampling rate ``q``, including rates
+    at which the small-``q`` estimate ``2 q^2 alpha / sigma3^2`` is far off.
+
+    The reference order starts at the order that is optimal for the Gaussian messages
+    alone. It then moves to the order at which the split's total Rényi DP gives the
+    smallest epsilon, until that order is the reference itself. Such a fixed point spends
+    ``target_epsilon`` at an order where the local steps hold exactly ``local_share`` of
+    the Rényi DP. Because Opacus' orders are discrete, the search may end without one. It
+    then keeps the visited order with the largest epsilon and scales ``B`` up by bisection
+    until the result spends ``target_epsilon`` (the local steps keep ``local_share`` at
+    the reference order, and the optimal order is a neighbour of it). The result spends
+    ``target_epsilon`` up to ``tolerance``, and never more. With ``K = 1`` there are no
+    local mechanisms, and the result is :func:`calibrate_noise`'s with ``sigma3 = 0``.
 
     Args:
         target_epsilon: Privacy budget epsilon, > 0.
@@ -288,8 +363,9 @@ def calibrate_noise_with_local_steps(
         restart_interval: ``T``.
         local: ``K`` and ``q`` of the local steps. Its ``noise_multiplier`` is ignored.
         restart_share: Share of the DIFF2 rounds' budget that restart rounds get, in (0, 1).
-        local_share: Approximate share of the whole budget that local steps get, in (0, 1).
-        tolerance: Relative accuracy of the bisection on ``rho``.
+        local_share: Share of the Rényi DP at the reference order that local steps get,
+            in (0, 1).
+        tolerance: Relative accuracy of the spent epsilon.
 
     Raises:
         ValueError: if an argument is out of range.
@@ -312,37 +388,50 @@ def calibrate_noise_with_local_steps(
     if not 0.0 < restart_share < 1.0:
         raise ValueError(f"restart_share must be in (0, 1), got {restart_share}.")
     counts = (*count_rounds(rounds, restart_interval), local.mechanisms(rounds))
-    if target_epsilon <= _epsilon_of_rho(0.0, delta):
-        # Checked first because the bisection would otherwise probe multipliers so large
-        # that Opacus' compute_rdp fails on rounding (around 1e8 at q = 0.1).
+    budgets = dict(_rdp_budgets(target_epsilon, delta))
+    if not budgets:
         raise ValueError(
             f"target_epsilon={target_epsilon} is below what Opacus' RDP conversion can "
             f"certify at delta={delta} with any noise; use a larger epsilon or delta."
         )
+    split = _LocalSplit(counts, local.sample_rate, restart_share, local_share)
 
-    def epsilon_of(rho: float) -> float:
-        multipliers = _multipliers_for_budget(
-            rho, counts, local.sample_rate, restart_share, local_share
+    def spend(order: float, scale: float) -> tuple[tuple[float, float, float], float, float]:
+        multipliers = split.multipliers(order, scale * budgets[order])
+        epsilon, optimal_order = _epsilon_of_multipliers(
+            multipliers, counts, local.sample_rate, delta
         )
-        return _epsilon_of_multipliers(multipliers, counts, local.sample_rate, delta)
+        return multipliers, epsilon, optimal_order
 
-    low, high = 0.0, 1.0
-    while epsilon_of(high) < target_epsilon:
-        low, high = high, 2.0 * high
-    for _ in range(200):
-        if high - low <= tolerance * high:
+    # Fixed-point search over the reference order. At scale 1 every candidate spends at
+    # most target_epsilon, and exactly target_epsilon when its optimal order is itself.
+    order = max(budgets, key=lambda candidate: budgets[candidate] / candidate)
+    visited: dict[float, tuple[tuple[float, float, float], float]] = {}
+    while order not in visited:
+        multipliers, epsilon, optimal_order = spend(order, 1.0)
+        visited[order] = (multipliers, epsilon)
+        if optimal_order not in budgets:
             break
+        order = optimal_order
+    order = max(visited, key=lambda candidate: visited[candidate][1])
+    multipliers, epsilon = visited[order]
+    if target_epsilon * (1.0 - tolerance) <= epsilon <= target_epsilon:
+        return multipliers
+
+    # Rounding can put the fixed point a hair above the target, so the bracket may sit
+    # below scale 1 as well.
+    low, high = (0.5, 1.0) if epsilon > target_epsilon else (1.0, 2.0)
+    while spend(order, low)[1] > target_epsilon:
+        low, high = 0.5 * low, low
+    while spend(order, high)[1] <= target_epsilon:
+        low, high = high, 2.0 * high
+    while high - low > tolerance * low:
         middle = 0.5 * (low + high)
-        if epsilon_of(middle) <= target_epsilon:
+        if spend(order, middle)[1] <= target_epsilon:
             low = middle
         else:
             high = middle
-    if low <= 0.0:
-        raise ValueError(
-            f"target_epsilon={target_epsilon} is below what Opacus' RDP conversion can "
-            f"certify at delta={delta} with any noise; use a larger epsilon or delta."
-        )
-    return _multipliers_for_budget(low, counts, local.sample_rate, restart_share, local_share)
+    return spend(order, low)[0]
 
 
 def _check_delta(delta: float) -> None:

@@ -72,6 +72,21 @@ class LocalRun:
     batch_sizes: list[int] = field(default_factory=list)
 
 
+def check_local_clip_setting(name: str, value: float | None) -> None:
+    """Raise ValueError unless ``value`` is None or a finite number > 0.
+
+    ``name`` is ``clip_local`` or the smoothness ``L`` of the local clip. Zero would clip
+    every local gradient difference to nothing, so the local updates would add only noise.
+    """
+    if value is not None and not (
+        isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+    ):
+        raise ValueError(
+            f"{name} must be a finite number > 0 or None, got {value!r}. Set it positive, "
+            "or to None to use the other local clip."
+        )
+
+
 class Diff2BVRLocalSGD(Diff2):
     """DIFF2 with the BVR-L-SGD subroutine: private local SARAH steps between messages.
 
@@ -86,8 +101,8 @@ class Diff2BVRLocalSGD(Diff2):
         local_steps: ``K`` >= 1, local steps per round.
         local_sample_rate: ``q`` in (0, 1], Poisson sampling rate of the local minibatches.
         noise_multiplier_local: ``sigma3``. A local update's noise std is ``sigma3 * C3``.
-        clip_local: Fixed ``C3``. Give this or ``local_smoothness``, not both.
-        local_smoothness: ``L`` in ``C3_k = L * ||x_(k+1) - x_k||``.
+        clip_local: Fixed ``C3`` > 0. Give this or ``local_smoothness``, not both.
+        local_smoothness: ``L`` > 0 in ``C3_k = L * ||x_(k+1) - x_k||``.
         **diff2_arguments: Keyword arguments of :class:`Diff2` (``lr``, ``restart_interval``,
             ``clip_restart``, the multipliers, ``clip_difference``, ``smoothness``,
             ``chunk_size``). ``lr`` is also the local step size.
@@ -115,10 +130,7 @@ class Diff2BVRLocalSGD(Diff2):
         )
         check_local_steps_privacy(self.local_privacy)
         for name, value in {"clip_local": clip_local, "local_smoothness": local_smoothness}.items():
-            if value is not None and not (
-                isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
-            ):
-                raise ValueError(f"{name} must be a finite number >= 0 or None, got {value!r}.")
+            check_local_clip_setting(name, value)
         if local_steps > 1 and (clip_local is None) == (local_smoothness is None):
             raise ValueError(
                 "Give exactly one of clip_local (a fixed C3) and local_smoothness (L, for "
@@ -130,6 +142,24 @@ class Diff2BVRLocalSGD(Diff2):
         self.noise_multiplier_local = float(noise_multiplier_local)
         self.clip_local = clip_local
         self.local_smoothness = local_smoothness
+
+    def check_local_sample_size(self, num_records: int) -> None:
+        """Raise ValueError if a shard of ``num_records`` expects less than one local record.
+
+        A local update divides by the expected sample size ``q * n_p``, so below one record
+        it scales the noise up by more than ``1 / q``. With ``K = 1`` no local update runs
+        and any shard passes.
+        """
+        if self.local_steps == 1:
+            return
+        expected = self.local_sample_rate * num_records
+        if expected < 1.0:
+            raise ValueError(
+                f"local_sample_rate={self.local_sample_rate} expects {expected:.3g} records "
+                f"per local update on a shard of {num_records} records, fewer than one. Use "
+                f"local_sample_rate >= 1 / {num_records} = {1.0 / max(num_records, 1):.3g}, "
+                "or fewer processes."
+            )
 
     def server_update(self, message_sum: Tensor, num_records: int, restart: bool) -> Tensor:
         """Fold the summed messages into ``v_r`` and leave the step to the local routine.
@@ -162,9 +192,14 @@ class Diff2BVRLocalSGD(Diff2):
 
         Returns:
             The worker's final iterate ``x_K`` and the clips and sample sizes it used.
+
+        Raises:
+            RuntimeError: if :meth:`server_update` has not formed ``v_r`` yet.
+            ValueError: if ``q * len(inputs) < 1``, see :meth:`check_local_sample_size`.
         """
         if self.estimate is None:
             raise RuntimeError("local_iterate needs the estimate v_r. Call server_update first.")
+        self.check_local_sample_size(len(inputs))
         params = self.flat.flatten(self.model)
         estimate = self.estimate.clone()
         expected_batch_size = self.local_sample_rate * len(inputs)

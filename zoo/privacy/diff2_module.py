@@ -36,12 +36,24 @@ from zoo.privacy.diff2_accounting import (
     check_local_steps_privacy,
     diff2_epsilon,
 )
-from zoo.privacy.diff2_local import SUBROUTINES, Diff2BVRLocalSGD, local_round_generator
+from zoo.privacy.diff2_local import (
+    SUBROUTINES,
+    Diff2BVRLocalSGD,
+    check_local_clip_setting,
+    local_round_generator,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
+
+#: A run warns once its estimate norm exceeds this many times the scale of a restart
+#: round's estimate, ``C1 * (1 + sigma1 * sqrt(d) / N)``.
+ESTIMATE_DIVERGENCE_FACTOR = 100.0
+#: A run warns once its validation loss exceeds this many times ``log(2)``, the loss of a
+#: constant 50 % prediction.
+LOSS_DIVERGENCE_FACTOR = 10.0
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "softplus": nn.Softplus,
@@ -241,6 +253,8 @@ class Diff2Classifier(pl.LightningModule):
         self._noise_base_seed: int | None = None
         #: Per-round records of this run (not of resumed earlier runs), for the figure.
         self._history: list[dict[str, float]] = []
+        #: Kinds of divergence warning already given in this run, to warn once per kind.
+        self._divergence_warnings: set[str] = set()
 
     @property
     def uses_local_steps(self) -> bool:
@@ -257,6 +271,7 @@ class Diff2Classifier(pl.LightningModule):
             hparams.noise_multiplier_local or 0.0,
         )
         check_local_steps_privacy(local_privacy)
+        check_local_clip_setting("clip_local", hparams.clip_local)
         share = hparams.local_share
         if not (isinstance(share, (int, float)) and 0.0 < share < 1.0):
             raise ValueError(f"local_share must be in (0, 1), got {share!r}.")
@@ -436,6 +451,9 @@ class Diff2Classifier(pl.LightningModule):
         targets = labels.to(torch.float64)
         round_index = self.algorithm.round_index
         assert self._noise_base_seed is not None
+        if isinstance(self.algorithm, Diff2BVRLocalSGD):
+            # Checked before the round, so that a rejected shard leaves the state unchanged.
+            self.algorithm.check_local_sample_size(len(inputs))
         generator = round_generator(self._noise_base_seed, self.global_rank, round_index)
         message = self.algorithm.worker_message(inputs, targets, generator)
 
@@ -447,6 +465,7 @@ class Diff2Classifier(pl.LightningModule):
         if isinstance(self.algorithm, Diff2BVRLocalSGD):
             self._run_local_steps(inputs, targets, round_index, num_records)
 
+        self._warn_if_estimate_diverges(float(estimate.norm()), estimate.numel(), num_records)
         epsilon = self.privacy_spent()["epsilon"]
         self.log("privacy/epsilon", epsilon, on_step=False, on_epoch=True)
         self.log("train/estimate_norm", float(estimate.norm()), on_step=False, on_epoch=True)
@@ -466,6 +485,35 @@ class Diff2Classifier(pl.LightningModule):
         if self.algorithm.round_index >= self.hparams.rounds:
             self.trainer.should_stop = True
         return None
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._divergence_warnings:
+            self._divergence_warnings.add(kind)
+            rank_zero_warn(message)
+
+    def _warn_if_estimate_diverges(
+        self, estimate_norm: float, num_parameters: int, num_records: int
+    ) -> None:
+        """Warn once if ``||v||`` is non-finite or far above a restart round's scale.
+
+        A restart round's estimate is a mean of gradients clipped to ``C1`` plus noise of
+        norm about ``sigma1 * C1 * sqrt(d) / N``. An estimate far above that usually means
+        that noise feeds back into the clip radii and the run diverges.
+        """
+        clip = self.hparams.clip_restart
+        sigma_restart = self.algorithm.noise_multiplier_restart
+        scale = clip * (1.0 + sigma_restart * math.sqrt(num_parameters) / num_records)
+        if math.isfinite(estimate_norm) and estimate_norm <= ESTIMATE_DIVERGENCE_FACTOR * scale:
+            return
+        self._warn_once(
+            "estimate",
+            f"DIFF2 is diverging: in round {self.algorithm.round_index - 1} the estimate "
+            f"norm ||v|| = {estimate_norm:.3g} is non-finite or more than "
+            f"{ESTIMATE_DIVERGENCE_FACTOR:g} times the scale {scale:.3g} of a restart round's "
+            "estimate. Larger noise multipliers feed into the clip radii. Try a larger "
+            "target_epsilon or local_sample_rate, a smaller lr or smoothness, or fewer "
+            "local_steps.",
+        )
 
     def _run_local_steps(
         self, inputs: Tensor, targets: Tensor, round_index: int, num_records: int
@@ -494,6 +542,14 @@ class Diff2Classifier(pl.LightningModule):
         self._check_batch(features)
         logits = self(features)
         loss = F.binary_cross_entropy_with_logits(logits, labels.to(torch.float64))
+        limit = LOSS_DIVERGENCE_FACTOR * math.log(2.0)
+        if not (math.isfinite(loss.item()) and loss.item() <= limit):
+            self._warn_once(
+                f"{stage} loss",
+                f"The {stage} loss {loss.item():.3g} is non-finite or above {limit:.3g} "
+                f"({LOSS_DIVERGENCE_FACTOR:g} times that of a constant 50 % prediction), so "
+                "training has probably diverged. Check the warnings about the estimate norm.",
+            )
         metric(logits, labels)
         self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(labels))
         self.log(f"{stage}/accuracy", metric, batch_size=len(labels))

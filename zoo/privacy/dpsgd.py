@@ -49,6 +49,7 @@ from zoo.privacy.modes import (
     ExpandedWeightsStep,
     GhostClippingStep,
     batch_size_of,
+    per_example_losses,
     resolve_grad_sample_mode,
 )
 
@@ -297,6 +298,16 @@ class DPSGD(Callback):
         if stage != "fit":
             return
         _check_trainer(trainer)
+        limit = trainer.limit_train_batches
+        whole_epochs = limit is None or (isinstance(limit, float) and limit == 1.0)
+        if self.max_physical_batch_size is not None and not whole_epochs:
+            raise ValueError(
+                f"DPSGD cannot combine limit_train_batches={limit!r} with "
+                f"max_physical_batch_size={self.max_physical_batch_size}: Lightning counts "
+                "physical batches, so an epoch could end inside a logical batch, whose "
+                "clipped gradients would then join the next epoch's step. Bound the run "
+                "with max_steps or max_epochs, or drop max_physical_batch_size."
+            )
         if not pl_module.automatic_optimization:
             raise ValueError(
                 f"DPSGD needs automatic optimization, but {type(pl_module).__name__} sets "
@@ -438,7 +449,7 @@ class DPSGD(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        """On the first batch with two examples, check that the loss keeps examples apart."""
+        """On the first batch with two examples, audit the loss and the per-example mode."""
         if not self._independence_pending:
             return
         try:
@@ -451,24 +462,75 @@ class DPSGD(Callback):
         if self._hooks is not None:
             self._hooks.disable_hooks()
         try:
-            value = independence.coupling(pl_module, self._original_step, batch, batch_idx, size)
+            result = independence.audit(
+                pl_module,
+                self._original_step,
+                lambda pair: self._mode_output(pl_module, pair, batch_idx),
+                batch,
+                batch_idx,
+                size,
+            )
         finally:
             if self._hooks is not None:
                 self._hooks.enable_hooks()
-        if value > independence.TOLERANCE:
-            raise ValueError(
-                f"DP-SGD: {type(pl_module).__name__} does not treat the examples of a batch "
-                "independently: the gradient of its loss on two examples differs from the "
-                f"mean of their single-example gradients by {value:.1%}. Per-example clipping "
-                "then bounds no example's influence, so the privacy guarantee would not hold. "
-                "Models that mix examples (BatchNorm, an adaptive ODE solver whose step size "
-                "the batch shares, losses over pairs) cannot be trained with DP-SGD. If only "
-                "randomness that eval mode keeps causes the difference, pass "
-                "check_independence=False."
-            )
+        _raise_on_audit(result, type(pl_module).__name__, self.active_mode)
         rank_zero_info(
-            f"DP-SGD: checked that examples are independent (relative difference {value:.1e})"
+            f"DP-SGD: checked that examples are independent (relative difference "
+            f"{result.coupling:.1e}) and that grad_sample_mode={self.active_mode} gives each "
+            f"example's own gradient (relative difference "
+            f"{max(result.mode_errors.values(), default=0.0):.1e})"
         )
+
+    def _mode_output(
+        self, pl_module: pl.LightningModule, pair: Any, batch_idx: int
+    ) -> torch.Tensor:
+        """Run the active mode on ``pair`` and return its per-example gradients (or norms)."""
+        parameters = [p for p in pl_module.parameters() if p.requires_grad]
+        # Gradients of an earlier step (on batches too small to audit) are consumed by now.
+        for parameter in parameters:
+            parameter.grad = None
+            parameter.grad_sample = None
+        try:
+            if self.active_mode == "ew":
+                assert isinstance(self._step_wrapper, ExpandedWeightsStep)
+                output = self._step_wrapper._training_step(pair, batch_idx)
+            else:
+                self._hooks.enable_hooks()
+                output = self._original_step(pair, batch_idx)
+            if self.active_mode == "ghost":
+                per_example_losses(output, 2, pl_module).mean().backward()
+                return self._hooks.get_norm_sample().detach()
+            loss = output["loss"] if isinstance(output, dict) else output
+            loss.backward()
+            if self.active_mode != "ew":
+                assert self.optimizer is not None
+                _check_grad_samples(self.optimizer, pl_module, self.functorch_layers)
+            return torch.cat(
+                [
+                    (
+                        torch.zeros(2, p.numel(), device=p.device)
+                        if getattr(p, "grad_sample", None) is None
+                        else p.grad_sample.detach().reshape(2, -1)
+                    )
+                    for p in parameters
+                ],
+                dim=1,
+            )
+        except NotImplementedError as error:
+            if "tying" not in str(error):
+                raise
+            raise ValueError(
+                f"DP-SGD ghost clipping cannot train {type(pl_module).__name__}: a layer's "
+                "parameters are used more than once in a step (tied or reused weights), and "
+                "Opacus' ghost clipping does not support that. Use grad_sample_mode 'ew' or "
+                "'hooks'."
+            ) from error
+        finally:
+            if self._hooks is not None:
+                self._hooks.disable_hooks()
+            for parameter in parameters:
+                parameter.grad = None
+                parameter.grad_sample = None
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -517,7 +579,16 @@ class DPSGD(Callback):
             )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Remember the step count at the epoch start, for progress reports."""
+        """Drop a logical batch left unfinished by the last epoch; note the step count."""
+        optimizer = self.optimizer
+        if optimizer is not None and optimizer._is_last_step_skipped:
+            rank_zero_warn(
+                "DP-SGD: the previous epoch ended inside a logical batch; its clipped "
+                "gradients are dropped instead of joining this epoch's first step."
+            )
+            for parameter in optimizer.params:
+                parameter.summed_grad = None
+            optimizer._is_last_step_skipped = False
         self._steps_at_epoch_start = self.steps
         self._last_reported_step = 0
 
@@ -725,10 +796,56 @@ def _functorch_layers(
     """Return the names of hooked layers whose per-sample gradients fall back to torch.func."""
     names = {id(module): name for name, module in pl_module.named_modules()}
     return [
-        names.get(id(module), type(module).__name__)
+        names.get(id(module)) or f"{type(module).__name__} (the module itself)"
         for module in hooks.iterate_submodules(model)
         if type(module) not in hooks.GRAD_SAMPLERS
     ]
+
+
+def _raise_on_audit(result: independence.AuditResult, name: str, mode: str | None) -> None:
+    """Raise if the first-batch audit found mixed examples or wrong per-example gradients."""
+    if result.single_example_error is not None:
+        raise ValueError(
+            f"DP-SGD: {name}.training_step failed on a batch of one example "
+            f"({result.single_example_error}). A model that needs several examples at once "
+            "(batch statistics, BatchNorm in training mode) mixes examples, so per-example "
+            "clipping bounds nothing and DP-SGD cannot train it."
+        ) from result.single_example_error
+    if result.coupling > independence.TOLERANCE:
+        raise ValueError(
+            f"DP-SGD: {name} does not treat the examples of a batch independently: the "
+            "gradient of its loss on two examples differs from the mean of their "
+            f"single-example gradients by {result.coupling:.1%}. Per-example clipping then "
+            "bounds no example's influence, so the privacy guarantee would not hold. Models "
+            "that mix examples (batch statistics, an adaptive ODE solver that couples the "
+            "batch, losses over pairs) cannot be trained with DP-SGD. If only randomness "
+            "outside dropout layers causes the difference, pass check_independence=False."
+        )
+    wrong = {
+        key: error for key, error in result.mode_errors.items() if error > independence.TOLERANCE
+    }
+    if not wrong:
+        return
+    listed = ", ".join(f"{key} ({error:.1%})" for key, error in sorted(wrong.items()))
+    if mode == "ghost":
+        cause = (
+            "Ghost clipping measures each example's gradient norm inside the layer that owns "
+            "a parameter, so a penalty inside 'per_example_loss' or a parameter used outside "
+            "its layer is left unclipped."
+        )
+    else:
+        cause = (
+            f"Opacus' {mode} mode sees a parameter only inside the layer that owns it, so a "
+            "penalty on the weights, a weight that another layer reuses (tied weights) or a "
+            "parameter of the LightningModule itself is left unclipped."
+        )
+    raise ValueError(
+        f"DP-SGD: grad_sample_mode={mode} gives per-example gradients that differ from each "
+        f"example's own gradient, for {listed}. {cause} Put an L2 penalty into the "
+        "optimizer's weight_decay, keep each parameter inside one layer, or use "
+        "grad_sample_mode 'ew', which follows every use through linear, convolution, "
+        "embedding and normalization operations."
+    )
 
 
 def _check_grad_samples(
@@ -747,6 +864,13 @@ def _check_grad_samples(
     ]
     if not missing:
         return
+    own = [name for name in missing if "." not in name]
+    if own:
+        raise ValueError(
+            f"DP-SGD: parameters {', '.join(own)} belong to {type(pl_module).__name__} itself, "
+            "not to one of its layers, and Opacus computes per-sample gradients per layer. "
+            "Move them into a submodule (an nn.Module attribute whose forward uses them)."
+        )
     owners = sorted({name.rpartition(".")[0] for name in missing} & set(functorch_layers))
     if owners:
         raise ValueError(

@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch import nn
 
 #: Largest relative difference between the two-example gradient and the mean of the
 #: single-example gradients that still counts as independent. Float32 rounding of batched
 #: and single-example kernels gave 5.5e-8 for the Adult MLP of ``dp-adult``.
 TOLERANCE = 1e-3
+
+#: Layers switched to eval mode during the check: their randomness is per example, and
+#: masks drawn in separate passes would differ.
+DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
 def slice_batch(batch: Any, index: slice, size: int) -> Any:
@@ -37,28 +43,49 @@ def slice_batch(batch: Any, index: slice, size: int) -> Any:
     return batch
 
 
-def coupling(
+@dataclass
+class AuditResult:
+    """What :func:`audit` measured on the first two examples of a batch."""
+
+    #: ``||g(x0, x1) - (g(x0) + g(x1)) / 2|| / ||(g(x0) + g(x1)) / 2||``.
+    coupling: float
+    #: Per parameter name, the largest relative difference between what the DP mode
+    #: computes for an example and that example's own gradient (or its norm, for ghost).
+    mode_errors: dict[str, float]
+    #: The exception the training step raised on a single example, if any.
+    single_example_error: BaseException | None = None
+
+
+def audit(
     pl_module: pl.LightningModule,
     training_step: Callable[..., Any],
+    mode_output: Callable[[Any], torch.Tensor],
     batch: Any,
     batch_idx: int,
     size: int,
-) -> float:
-    """Return how much the first two examples of ``batch`` influence each other's gradients.
+) -> AuditResult:
+    """Compare, on the first two examples of ``batch``, three ways of getting their gradients.
 
-    The value is ``||g(x0, x1) - (g(x0) + g(x1)) / 2|| / ||(g(x0) + g(x1)) / 2||``, where
-    ``g`` is the gradient of the training step's loss with respect to the trainable
-    parameters. It is zero, up to rounding, when the loss is a mean of independent
-    per-example losses. The module runs in eval mode (no dropout) with its logging
-    switched off, and the random number generators are restored afterwards.
+    ``g(x)`` is the gradient of the training step's loss with respect to the trainable
+    parameters, by plain autograd. The coupling compares the gradient on both examples with
+    the mean of the single-example gradients. The mode check compares ``mode_output`` on
+    both examples, one row per example (a flat gradient, or a gradient norm for ghost
+    clipping), with ``g(x0)`` and ``g(x1)``.
+
+    The module stays in training mode, except for dropout layers, which are per-example
+    anyway and would otherwise draw different masks in each pass. Its logging is switched
+    off, and the random number generators are restored afterwards.
 
     Args:
         pl_module: The module whose parameters to differentiate.
         training_step: The module's own training step (not a wrapper of a DP mode).
+        mode_output: Runs the DP mode on a batch and returns per-example gradients
+            ``[n, P]`` (flattened like ``pl_module.parameters()``) or norms ``[n]``.
         batch: A training batch with at least two examples.
         batch_idx: Index passed on to ``training_step``.
         size: The number of examples in ``batch``.
     """
+    names = [name for name, p in pl_module.named_parameters() if p.requires_grad]
     parameters = [p for p in pl_module.parameters() if p.requires_grad]
     training = {module: module.training for module in pl_module.modules()}
 
@@ -76,17 +103,50 @@ def coupling(
     pl_module.log = _no_log  # type: ignore[method-assign]
     pl_module.log_dict = _no_log  # type: ignore[method-assign]
     try:
-        pl_module.eval()
+        for module in pl_module.modules():
+            if isinstance(module, DROPOUT_LAYERS):
+                module.eval()
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             # Opacus' backward hooks stay registered (switched off) during the check.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            try:
+                singles = [gradient(slice(0, 1)), gradient(slice(1, 2))]
+            except Exception as error:  # noqa: BLE001 - reported to the caller
+                return AuditResult(float("inf"), {}, single_example_error=error)
             pair = gradient(slice(0, 2))
-            mean = (gradient(slice(0, 1)) + gradient(slice(1, 2))) / 2
+            produced = mode_output(slice_batch(batch, slice(0, 2), size)).double()
     finally:
         del pl_module.log, pl_module.log_dict
         for module, mode in training.items():
             module.training = mode
-    return ((pair - mean).norm() / mean.norm().clamp_min(1e-12)).item()
+    mean = (singles[0] + singles[1]) / 2
+    coupling = ((pair - mean).norm() / mean.norm().clamp_min(1e-12)).item()
+    return AuditResult(coupling, _mode_errors(produced, singles, parameters, names))
+
+
+def _mode_errors(
+    produced: torch.Tensor,
+    singles: list[torch.Tensor],
+    parameters: list[torch.Tensor],
+    names: list[str],
+) -> dict[str, float]:
+    """Return the relative error of the mode's per-example output, per parameter name."""
+    if produced.dim() == 1:  # Ghost clipping gives only the norm of each example's gradient.
+        errors = [
+            abs(produced[i].item() - single.norm().item()) / max(single.norm().item(), 1e-12)
+            for i, single in enumerate(singles)
+        ]
+        return {"(gradient norm)": max(errors)}
+    sizes = [p.numel() for p in parameters]
+    result: dict[str, float] = {}
+    for i, single in enumerate(singles):
+        scale = max(single.norm().item(), 1e-12)
+        for name, mine, reference in zip(
+            names, produced[i].split(sizes), single.split(sizes), strict=True
+        ):
+            error = (mine - reference).norm().item() / scale
+            result[name] = max(result.get(name, 0.0), error)
+    return result
 
 
 def _no_log(*args: Any, **kwargs: Any) -> None:

@@ -160,6 +160,8 @@ class ExpandedWeightsStep:
 
     def _training_step(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
         size = batch_size_of(batch)
+        if size == 0:
+            return self._empty_step()
         # Per-example gradients of the previous step are consumed by the optimizer step;
         # Lightning clears them only after this training step, and expanded weights refuse
         # to start while they exist.
@@ -178,6 +180,23 @@ class ExpandedWeightsStep:
                 "convolution, embedding and normalization layers). Use grad_sample_mode "
                 "'hooks'."
             ) from error
+
+    def _empty_step(self) -> torch.Tensor:
+        """Return a zero loss for an empty Poisson batch, with empty per-example gradients.
+
+        Expanded weights need at least one example. The optimizer still adds the noise,
+        because an empty batch is a valid draw of Poisson sampling.
+        """
+        parameters = [p for p in self.pl_module.parameters() if p.requires_grad]
+        loss = torch.stack([0.0 * parameter.sum() for parameter in parameters]).sum()
+
+        def set_empty_grad_samples(grad: torch.Tensor) -> None:
+            # Runs in the backward pass, after Lightning's zero_grad cleared grad_sample.
+            for parameter in parameters:
+                parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
+
+        loss.register_hook(set_empty_grad_samples)
+        return loss
 
 
 class GhostClippingStep:
@@ -265,6 +284,7 @@ def per_example_losses(output: Any, batch_size: int, pl_module: nn.Module) -> to
             f"{name}.training_step returned loss {loss.item():.6g}, but the mean of "
             f"{PER_EXAMPLE_LOSS_KEY!r} is {mean.item():.6g}. Ghost clipping trains on the "
             "per-example losses only, so any other term of the loss (a regularizer, say) "
-            "would be dropped. Add it to every example's loss, or use grad_sample_mode 'hooks'."
+            "would be dropped. Put an L2 penalty into the optimizer's weight_decay instead, "
+            "or use grad_sample_mode 'ew'."
         )
     return per_example
