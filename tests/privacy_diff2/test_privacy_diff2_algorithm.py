@@ -208,6 +208,9 @@ def test_clipped_sum_bounds_each_example() -> None:
         ({"noise_multiplier_restart": -0.5}, "noise_multiplier_restart"),
         ({"smoothness": None}, "exactly one"),
         ({"clip_difference": 1.0}, "exactly one"),
+        ({"smoothness": 0.0}, "smoothness must be a finite number > 0"),
+        ({"smoothness": None, "clip_difference": 0.0}, "clip_difference must be"),
+        ({"smoothness": float("inf")}, "smoothness"),
     ],
 )
 def test_invalid_settings_raise(overrides: dict, match: str) -> None:

@@ -234,6 +234,8 @@ def test_huge_local_noise_destroys_accuracy() -> None:
         ({"clip_local": None}, "exactly one"),
         ({"local_smoothness": 1.0}, "exactly one"),
         ({"clip_local": float("nan")}, "clip_local"),
+        ({"clip_local": 0.0}, "clip_local must be a finite number > 0"),
+        ({"clip_local": None, "local_smoothness": 0.0}, "local_smoothness must be"),
     ],
 )
 def test_invalid_local_settings_raise(overrides: dict, match: str) -> None:
@@ -268,3 +270,32 @@ def test_local_iterate_needs_estimate() -> None:
     )
     with pytest.raises(RuntimeError, match="server_update"):
         algorithm.local_iterate(inputs, targets, local_round_generator(0, 0, 0))
+
+
+@pytest.mark.parametrize(("local_steps", "raises"), [(2, True), (1, False)])
+def test_local_sample_below_one_record(local_steps: int, raises: bool) -> None:
+    # q * n_p = 0.05 * 10 = 0.5 expected records per local update.
+    inputs, targets = make_problem(num_records=10)
+    algorithm = Diff2BVRLocalSGD(
+        make_net(),
+        summed_logistic_loss,
+        local_steps=local_steps,
+        local_sample_rate=0.05,
+        noise_multiplier_local=1.0,
+        clip_local=0.1,
+        lr=0.1,
+        restart_interval=1,
+        clip_restart=1.0,
+        noise_multiplier_restart=1.0,
+    )
+    algorithm.server_update(
+        torch.ones(algorithm.flat.dim, dtype=torch.float64), num_records=10, restart=True
+    )
+    generator = local_round_generator(0, 0, 0)
+    if raises:
+        with pytest.raises(ValueError, match=r"local_sample_rate=0.05 expects 0.5 records"):
+            algorithm.local_iterate(inputs, targets, generator)
+        algorithm.check_local_sample_size(20)
+    else:
+        run = algorithm.local_iterate(inputs, targets, generator)
+        assert run.clips == []

@@ -8,14 +8,29 @@ import pytest
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
+from zoo.privacy import diff2_accounting
 from zoo.privacy.diff2_accounting import (
     LocalStepsPrivacy,
     calibrate_noise,
     calibrate_noise_with_local_steps,
+    count_rounds,
     diff2_epsilon,
+    diff2_rdp,
 )
 
 DELTA = 1e-5
+
+
+def local_share_at_optimal_order(
+    sigmas: tuple[float, float, float], rounds: int, interval: int, local: LocalStepsPrivacy
+) -> float:
+    """Return the local steps' share of the total Rényi DP at the order that sets epsilon."""
+    counts = (*count_rounds(rounds, interval), local.mechanisms(rounds))
+    messages, steps = diff2_rdp(sigmas, counts, local.sample_rate)
+    total = [message + step for message, step in zip(messages, steps, strict=True)]
+    _, order = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=DELTA)
+    index = RDPAccountant.DEFAULT_ALPHAS.index(order)
+    return steps[index] / total[index]
 
 
 def test_epsilon_matches_independent_composition() -> None:
@@ -85,6 +100,72 @@ def test_local_share_shifts_noise() -> None:
     assert high[2] < low[2]
     assert high[0] > low[0]
     assert high[1] > low[1]
+
+
+# The first two rows are diff2-lvr-adult's local steps with 10 rounds. With the earlier
+# split by the estimate 2 q^2 alpha / sigma3^2, q = 1e-4 gave the local steps almost the
+# whole budget (sigma1 = 1104, sigma3 = 0.70) and the run diverged.
+@pytest.mark.parametrize(
+    ("rounds", "local_steps", "sample_rate", "local_share"),
+    [
+        (10, 3, 0.02, 0.5),
+        (10, 3, 1e-4, 0.5),
+        (100, 3, 0.02, 0.5),
+        (100, 3, 1e-4, 0.2),
+        (100, 5, 1e-4, 0.8),
+    ],
+)
+def test_local_share_holds_for_small_rates(
+    rounds: int, local_steps: int, sample_rate: float, local_share: float
+) -> None:
+    local = LocalStepsPrivacy(local_steps, sample_rate, 0.0)
+    sigmas = calibrate_noise_with_local_steps(
+        1.0, DELTA, rounds, 10, local, local_share=local_share
+    )
+    share = local_share_at_optimal_order(sigmas, rounds, 10, local)
+    assert share == pytest.approx(local_share, abs=0.02)
+    spent = diff2_epsilon(
+        rounds,
+        10,
+        sigmas[0],
+        sigmas[1],
+        DELTA,
+        LocalStepsPrivacy(local_steps, sample_rate, sigmas[2]),
+    )
+    assert spent <= 1.0
+    assert spent == pytest.approx(1.0, rel=1e-3)
+
+
+def test_small_rate_keeps_message_noise_moderate() -> None:
+    # The messages keep half of the budget, so sigma1 stays within a small factor of
+    # DIFF2-GD's (5.72 for 10 rounds), far from the 1104 of the earlier split.
+    sigma_gd, _ = calibrate_noise(1.0, DELTA, 10, 10)
+    sigmas = calibrate_noise_with_local_steps(1.0, DELTA, 10, 10, LocalStepsPrivacy(3, 1e-4, 0.0))
+    assert sigmas[0] < 5 * sigma_gd
+    assert sigmas[1] < 5 * 3 * sigma_gd
+
+
+def test_reference_order_fallback_spends_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Reporting the next larger order as optimal keeps the fixed-point search from ever
+    # settling, so the calibration must scale the budget at its best visited order.
+    exact = diff2_accounting._epsilon_of_multipliers
+    orders = RDPAccountant.DEFAULT_ALPHAS
+
+    def shifted(*args: object) -> tuple[float, float]:
+        epsilon, order = exact(*args)
+        return epsilon, float(orders[min(orders.index(order) + 1, len(orders) - 1)])
+
+    monkeypatch.setattr(diff2_accounting, "_epsilon_of_multipliers", shifted)
+    local = LocalStepsPrivacy(3, 0.02, 0.0)
+    sigmas = calibrate_noise_with_local_steps(1.0, DELTA, 100, 10, local)
+    monkeypatch.undo()
+    spent = diff2_epsilon(
+        100, 10, sigmas[0], sigmas[1], DELTA, LocalStepsPrivacy(3, 0.02, sigmas[2])
+    )
+    assert spent <= 1.0
+    assert spent == pytest.approx(1.0, rel=1e-3)
+    share = local_share_at_optimal_order(sigmas, 100, 10, local)
+    assert share == pytest.approx(0.5, abs=0.1)
 
 
 def test_local_steps_raise_global_noise() -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from test_privacy_diff2_module import make_trainer, small_adult
+from torch.utils.data import DataLoader, TensorDataset
 
 from zoo.datamodules.adult import AdultDataModule
 from zoo.privacy.diff2 import simulate_diff2
@@ -133,6 +135,9 @@ def test_gd_privacy_spent_has_no_local_keys() -> None:
             "noise_multiplier_local is 0",
         ),
         ({"restart_interval": 1, "smoothness": None}, "clip_local"),
+        ({"clip_local": 0.0}, "clip_local must be a finite number > 0"),
+        ({"clip_local": 0.0, "subroutine": "gd"}, "clip_local must be"),
+        ({"smoothness": 0.0}, "smoothness must be a finite number > 0"),
     ],
 )
 def test_invalid_local_module_arguments(kwargs: dict, match: str) -> None:
@@ -169,3 +174,75 @@ def test_gd_checkpoint_rejected_by_local_model() -> None:
     local = make_local_model(10, rounds=6)
     with pytest.raises(ValueError, match="would not cover the earlier rounds"):
         local.on_load_checkpoint(checkpoint)
+
+
+def full_batch_loader(num_records: int, num_features: int = 10) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(num_records, num_features, generator=generator)
+    labels = (inputs[:, 0] > 0).long()
+    return DataLoader(TensorDataset(inputs, labels), batch_size=num_records)
+
+
+def quick_trainer(max_epochs: int) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def test_local_sample_below_one_record_rejected() -> None:
+    # 0.02 * 40 records = 0.8 expected records per local update.
+    model = make_local_model(10, local_sample_rate=0.02)
+    with pytest.raises(ValueError, match=r"local_sample_rate=0.02 expects 0.8 records"):
+        quick_trainer(max_epochs=4).fit(model, train_dataloaders=full_batch_loader(40))
+    assert model.algorithm.round_index == 0
+
+
+def divergence_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    messages = [str(warning.message) for warning in caught]
+    return [message for message in messages if "diverg" in message]
+
+
+@pytest.mark.parametrize("subroutine", ["gd", "bvr-l-sgd"])
+def test_diverging_run_warns_once(subroutine: str) -> None:
+    # sigma2 = 1e4 on 50 records makes the first difference round's estimate explode.
+    model = make_local_model(
+        10,
+        subroutine=subroutine,
+        target_epsilon=None,
+        noise_multiplier_restart=1.0,
+        noise_multiplier_difference=1e4,
+        noise_multiplier_local=1.0,
+    )
+    loader = full_batch_loader(50)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quick_trainer(max_epochs=4).fit(model, train_dataloaders=loader, val_dataloaders=loader)
+    found = divergence_warnings(caught)
+    estimate_warnings = [message for message in found if message.startswith("DIFF2 is")]
+    loss_warnings = [message for message in found if message.startswith("The val loss")]
+    assert len(estimate_warnings) == 1, found
+    assert "in round 1 " in estimate_warnings[0]
+    assert len(loss_warnings) == 1, found
+
+
+def test_stable_run_does_not_warn() -> None:
+    model = make_local_model(
+        10,
+        target_epsilon=None,
+        noise_multiplier_restart=1.0,
+        noise_multiplier_difference=1.0,
+        noise_multiplier_local=1.0,
+    )
+    loader = full_batch_loader(50)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quick_trainer(max_epochs=4).fit(model, train_dataloaders=loader, val_dataloaders=loader)
+    assert divergence_warnings(caught) == []
+    assert model.algorithm.round_index == 4

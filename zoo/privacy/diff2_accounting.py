@@ -254,8 +254,8 @@ def _local_multiplier_for_rdp(sample_rate: float, steps: int, order: float, rdp:
 
 @dataclass(frozen=True)
 class _LocalSplit:
-    # What calibrate_noise_with_local_steps needs to turn a reference order and a budget
-    # scale into multipliers.
+    # Round counts, sampling rate and shares that turn a reference order and its Rényi-DP
+    # budget into the three multipliers.
     counts: tuple[int, int, int]
     sample_rate: float
     restart_share: float

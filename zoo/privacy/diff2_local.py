@@ -146,9 +146,9 @@ class Diff2BVRLocalSGD(Diff2):
     def check_local_sample_size(self, num_records: int) -> None:
         """Raise ValueError if a shard of ``num_records`` expects less than one local record.
 
-        A local update divides by the expected sample size ``q * n_p``, so below one record
-        it scales the noise up by more than ``1 / q``. With ``K = 1`` no local update runs
-        and any shard passes.
+        A local update divides its clipped sum and noise by the expected sample size
+        ``q * n_p``, so below one record it enlarges the noise instead of averaging it.
+        With ``K = 1`` no local update runs and any shard passes.
         """
         if self.local_steps == 1:
             return

@@ -152,8 +152,8 @@ class Diff2Classifier(pl.LightningModule):
         restart_interval: ``T``; every ``T``-th round sends a full clipped gradient.
         lr: Step size of ``x <- x - lr * v``.
         clip_restart: ``C1``, per-example gradient clip radius of restart rounds.
-        clip_difference: Fixed ``C2`` of difference rounds; give this or ``smoothness``.
-        smoothness: ``L`` in the difference clip ``C2_r = L * ||x_r - x_(r-1)||``.
+        clip_difference: Fixed ``C2`` > 0 of difference rounds; give this or ``smoothness``.
+        smoothness: ``L`` > 0 in the difference clip ``C2_r = L * ||x_r - x_(r-1)||``.
         target_epsilon: Privacy budget for ``rounds`` rounds; ``None`` to set the
             multipliers by hand.
         delta: Target delta, much smaller than one over the number of training records.
@@ -168,11 +168,13 @@ class Diff2Classifier(pl.LightningModule):
         local_steps: ``K``, local steps per round. ``K - 1`` of them are private updates of
             the local estimate. ``K = 1`` gives the iterates of DIFF2-GD.
         local_sample_rate: ``q``, Poisson sampling rate of a local minibatch on a worker's
-            shard. The expected minibatch has ``q * records of the worker`` records.
-        clip_local: Fixed ``C3``, per-example clip radius of local updates. ``None`` uses
-            ``C3_k = smoothness * ||x_(k+1) - x_k||``.
+            shard. The expected minibatch has ``q * records of the worker`` records. If that
+            is below one, the first training step raises ValueError.
+        clip_local: Fixed ``C3`` > 0, per-example clip radius of local updates. ``None``
+            uses ``C3_k = smoothness * ||x_(k+1) - x_k||``.
         noise_multiplier_local: ``sigma3`` when ``target_epsilon`` is None.
-        local_share: Approximate share of the budget spent on local steps, in (0, 1), as in
+        local_share: Share of the Rényi DP that the local steps get at the order that sets
+            epsilon, in (0, 1), as in
             :func:`~zoo.privacy.diff2_accounting.calibrate_noise_with_local_steps`.
     """
 
@@ -503,16 +505,17 @@ class Diff2Classifier(pl.LightningModule):
         clip = self.hparams.clip_restart
         sigma_restart = self.algorithm.noise_multiplier_restart
         scale = clip * (1.0 + sigma_restart * math.sqrt(num_parameters) / num_records)
-        if math.isfinite(estimate_norm) and estimate_norm <= ESTIMATE_DIVERGENCE_FACTOR * scale:
+        limit = ESTIMATE_DIVERGENCE_FACTOR * scale
+        if math.isfinite(estimate_norm) and estimate_norm <= limit:
             return
+        size = "is not finite" if not math.isfinite(estimate_norm) else f"exceeds {limit:.3g}"
         self._warn_once(
             "estimate",
             f"DIFF2 is diverging: in round {self.algorithm.round_index - 1} the estimate "
-            f"norm ||v|| = {estimate_norm:.3g} is non-finite or more than "
-            f"{ESTIMATE_DIVERGENCE_FACTOR:g} times the scale {scale:.3g} of a restart round's "
-            "estimate. Larger noise multipliers feed into the clip radii. Try a larger "
-            "target_epsilon or local_sample_rate, a smaller lr or smoothness, or fewer "
-            "local_steps.",
+            f"norm ||v|| = {estimate_norm:.3g} {size}, {ESTIMATE_DIVERGENCE_FACTOR:g} times "
+            "the scale of a restart round's estimate. A smoothness-based clip grows with "
+            "noisy steps and lets in more noise. Try a larger target_epsilon or "
+            "local_sample_rate, a smaller lr or smoothness, or fewer local_steps.",
         )
 
     def _run_local_steps(
@@ -543,12 +546,13 @@ class Diff2Classifier(pl.LightningModule):
         logits = self(features)
         loss = F.binary_cross_entropy_with_logits(logits, labels.to(torch.float64))
         limit = LOSS_DIVERGENCE_FACTOR * math.log(2.0)
-        if not (math.isfinite(loss.item()) and loss.item() <= limit):
+        value = loss.item()
+        if not (math.isfinite(value) and value <= limit):
             self._warn_once(
                 f"{stage} loss",
-                f"The {stage} loss {loss.item():.3g} is non-finite or above {limit:.3g} "
+                f"The {stage} loss {value:.3g} is not finite or exceeds {limit:.3g} "
                 f"({LOSS_DIVERGENCE_FACTOR:g} times that of a constant 50 % prediction), so "
-                "training has probably diverged. Check the warnings about the estimate norm.",
+                "training has probably diverged. See the warning about ||v||, if any.",
             )
         metric(logits, labels)
         self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(labels))
