@@ -239,8 +239,9 @@ def _local_multiplier_for_rdp(sample_rate: float, steps: int, order: float, rdp:
     while cost(low) <= rdp:
         if low < 1e-6:
             raise ValueError(
-                f"No local noise multiplier above 1e-6 reaches the Rényi-DP budget {rdp} at "
-                f"order {order}; lower local_share or target_epsilon."
+                f"The local steps stay within their Rényi-DP budget {rdp:.3g} at order "
+                f"{order} even with noise multiplier 1e-6, so sigma3 cannot be calibrated. "
+                "Lower local_share or target_epsilon, or set the noise multipliers by hand."
             )
         low, high = 0.5 * low, low
     while high - low > 1e-9 * high:
