@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from zoo import hub
@@ -54,8 +54,8 @@ _INTEGER = re.compile(r"[+-]?\d+")
 def integer_trainer_options(args: list[str]) -> dict[str, int]:
     """Return the options of :data:`INT_OR_FRACTION_OPTIONS` that ``args`` give as integers.
 
-    Both ``--trainer.KEY VALUE`` and ``--trainer.KEY=VALUE`` count, and so does the
-    ``trainer`` section of every ``--config`` file. A later value replaces an earlier one,
+    Both ``--trainer.KEY VALUE`` and ``--trainer.KEY=VALUE`` count, and so do the
+    ``trainer`` section of every ``--config`` (or ``-c``) file and a ``--trainer FILE``. A later value replaces an earlier one,
     as in LightningCLI; a later non-integer value removes the key.
     """
     found: dict[str, int] = {}
@@ -76,9 +76,12 @@ def integer_trainer_options(args: list[str]) -> dict[str, int]:
             value = args[index + 1]
         else:
             continue
-        if name == "--config" and Path(value).is_file():
+        if name in ("--config", "-c", "--trainer") and Path(value).is_file():
             config = yaml.safe_load(Path(value).read_text()) or {}
-            trainer = config.get("trainer") if isinstance(config, dict) else None
+            if name == "--trainer":
+                trainer = config
+            else:
+                trainer = config.get("trainer") if isinstance(config, dict) else None
             for key in INT_OR_FRACTION_OPTIONS:
                 if isinstance(trainer, dict) and key in trainer:
                     record(key, trainer[key])
@@ -103,7 +106,11 @@ class ZooCLI(LightningCLI):
         super().__init__(
             subclass_mode_model=True,
             subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=IntegerPreservingSaveConfig,
+            save_config_kwargs={
+                "overwrite": True,
+                "integers": integer_trainer_options(self._raw_args),
+            },
             args=args,
             parser_kwargs={"default_env": False},
         )
@@ -151,6 +158,35 @@ class ZooCLI(LightningCLI):
             callbacks.append(LineProgress())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+
+class IntegerPreservingSaveConfig(SaveConfigCallback):
+    """Save the run's config with the integer batch limits that jsonargparse turned into floats.
+
+    Args:
+        *args: Passed to ``SaveConfigCallback``.
+        integers: Trainer options to write back as ints (see :func:`integer_trainer_options`).
+        **kwargs: Passed to ``SaveConfigCallback``.
+    """
+
+    def __init__(self, *args: Any, integers: dict[str, int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.integers = dict(integers or {})
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        writes = self.save_to_log_dir and not self.already_saved and bool(self.integers)
+        # trainer.log_dir runs a collective under DDP, so every process asks for it.
+        log_dir = trainer.log_dir if writes else None
+        super().setup(trainer, pl_module, stage)
+        if not writes or not trainer.is_global_zero or log_dir is None:
+            return
+        path = Path(log_dir) / self.config_filename
+        config = yaml.safe_load(path.read_text())
+        trainer_config = config.get("trainer") or {}
+        for key, value in self.integers.items():
+            if trainer_config.get(key) == value:
+                trainer_config[key] = value
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def _restore_integers(trainer_config: Any, args: list[str]) -> None:

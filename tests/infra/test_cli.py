@@ -171,6 +171,8 @@ def test_integer_batch_limit_counts_batches(iris_config: Path, tmp_path: Path) -
     )
     # Three epochs of one batch each; read as the fraction 1.0 they would be whole epochs.
     assert checkpoint["global_step"] == 3
+    saved = tmp_path / "runs" / "iris" / "csv" / "version_0" / "config.yaml"
+    assert "limit_train_batches: 1\n" in saved.read_text()
 
 
 def test_integer_trainer_options_follow_argument_order(tmp_path: Path) -> None:
@@ -178,6 +180,8 @@ def test_integer_trainer_options_follow_argument_order(tmp_path: Path) -> None:
 
     config = tmp_path / "limits.yaml"
     config.write_text("trainer:\n  limit_val_batches: 2\n  val_check_interval: 0.5\n")
+    trainer_file = tmp_path / "trainer.yaml"
+    trainer_file.write_text("overfit_batches: 2\n")
     args = [
         "fit",
         "--trainer.limit_train_batches",
@@ -190,3 +194,5 @@ def test_integer_trainer_options_follow_argument_order(tmp_path: Path) -> None:
         "4",
     ]
     assert integer_trainer_options(args) == {"limit_train_batches": 1, "limit_val_batches": 3}
+    short = ["fit", "-c", str(config), "--trainer", str(trainer_file)]
+    assert integer_trainer_options(short) == {"limit_val_batches": 2, "overfit_batches": 2}
