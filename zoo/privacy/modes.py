@@ -19,8 +19,8 @@ training step differently:
   place of Lightning's backward call.
 
 ``"auto"`` picks ``ew`` when every layer with trainable parameters is one that expanded
-weights support (it was the fastest correct mode through Lightning in this zoo's benchmark),
-and ``hooks`` otherwise.
+weights support, and ``hooks`` otherwise. Expanded weights were the fastest mode through
+Lightning in ``benchmarks/privacy_opacus_modes.py`` (tied with ``hooks`` on MNIST).
 """
 
 from __future__ import annotations
