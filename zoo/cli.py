@@ -175,7 +175,7 @@ class IntegerPreservingSaveConfig(SaveConfigCallback):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         writes = self.save_to_log_dir and not self.already_saved and bool(self.integers)
-        # trainer.log_dir runs a collective under DDP, so every process asks for it.
+        # trainer.log_dir runs a collective under DDP, so every process must call it.
         log_dir = trainer.log_dir if writes else None
         super().setup(trainer, pl_module, stage)
         if not writes or not trainer.is_global_zero or log_dir is None:

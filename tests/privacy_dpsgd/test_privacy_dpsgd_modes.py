@@ -111,7 +111,8 @@ def test_private_step_is_clipped_mean_plus_calibrated_noise(mode: str) -> None:
         )
         _fit(model, dpsgd, [probe])
         assert dpsgd.active_mode == mode
-        assert dpsgd.steps == 1 and len(probe.batches) == 1
+        assert dpsgd.steps == 1
+        assert len(probe.batches) == 1
         x, y = probe.batches[0]
         expected = [-LR * g / dpsgd.expected_batch_size for g in _clipped_sum(start, x, y)]
         actual = [
@@ -133,7 +134,7 @@ def test_private_step_is_clipped_mean_plus_calibrated_noise(mode: str) -> None:
     assert abs(noise.mean().item()) < 4 * std / noise.numel() ** 0.5
 
 
-def test_auto_picks_expanded_weights_only_when_every_layer_supports_them() -> None:
+def test_auto_mode_follows_layer_support() -> None:
     torch.manual_seed(0)
     plain = DPSGD(noise_multiplier=1.0, accountant="rdp")
     _fit(_SmallNet(), plain)
@@ -177,7 +178,8 @@ def test_modes_leave_module_plain_after_fit() -> None:
     for mode in ("ew", "ghost"):
         model = _SmallNet()
         _fit(model, DPSGD(noise_multiplier=1.0, grad_sample_mode=mode, accountant="rdp"))
-        assert "training_step" not in vars(model) and "backward" not in vars(model)
+        assert "training_step" not in vars(model)
+        assert "backward" not in vars(model)
 
 
 @pytest.mark.parametrize(
@@ -194,7 +196,7 @@ def test_batch_size_of_rejects_batch_without_tensor() -> None:
 
 
 class _BatchCentered(_SmallNet):
-    """In training mode, subtracts the batch mean of the features: each loss sees every example."""
+    """Subtracts the batch mean of the features in training mode, so each loss depends on all."""
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Any:
         x, y = batch

@@ -105,16 +105,16 @@ class DPSGD(Callback):
             fresh seed from the operating system's entropy in every fit, so that neither
             the batches nor the noise can be rebuilt from the run's config. An int makes
             both repeatable for tests and debugging, and voids the guarantee against
-            anyone who knows it: subtracting the regenerated noise undoes the privacy.
+            anyone with the seed: subtracting the regenerated noise undoes the privacy.
         continue_pretrained_accounting: Start from the privacy history that
             ``zoo.load_pretrained`` attached to the model, so that epsilon covers the
             pretraining on the same data as well.
-        check_independence: Before the first step, check on two examples of the first
-            batch that the loss treats examples independently (see
-            :mod:`zoo.privacy.independence`), and raise if it does not: per-example clipping
-            bounds nothing for a model that mixes examples. Turn it off only for a training
-            step whose two-example gradient differs for a reason that keeps examples
-            independent, such as randomness that eval mode does not switch off.
+        check_independence: Before the first step, audit two examples of the first batch
+            (see :mod:`zoo.privacy.independence`): the loss must treat them independently,
+            and the active mode must give each its own gradient. Raise otherwise, because
+            per-example clipping then bounds nothing. Turn it off only for a training step
+            whose two-example gradient differs for a reason that keeps examples
+            independent, such as randomness outside dropout layers.
         prior_checkpoint: Path of a Lightning checkpoint written under this callback,
             whose privacy history (key ``"privacy"``) the accountant continues. Use it when
             the module was loaded with ``load_from_checkpoint`` rather than resumed with

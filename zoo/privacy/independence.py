@@ -1,12 +1,17 @@
-"""Check that a training step treats the examples of a batch independently.
+"""Audit of a DP training step on two examples: independence and per-example gradients.
 
 Per-example clipping bounds one example's influence on a DP-SGD step only if the loss is a
 mean of per-example terms, each depending on its own example alone. Layers that mix the
-examples of a batch break that silently: BatchNorm, an adaptive ODE solver whose step size
-is shared by the batch, a loss over pairs of examples. Opacus' hooks fail on some of these
-models by accident, but expanded weights and ghost clipping return gradients for any
-model. This module therefore tests the property itself: the gradient of the loss on two examples must equal the mean of the gradients of
-each example alone.
+examples of a batch break that silently: BatchNorm, an adaptive ODE solver that couples
+the batch, a loss over pairs of examples. Opacus' hooks fail on some of these models by
+accident, but expanded weights and ghost clipping return gradients for any model. The
+audit therefore tests the property itself: the gradient of the loss on two examples must
+equal the mean of the gradients of each example alone.
+
+It also checks the per-example gradients of the DP mode against each example's own
+gradient, because a mode can miss part of a parameter's use: Opacus' hooks and ghost
+clipping see a parameter only inside the layer that owns it, so a weight penalty or a
+weight reused by another layer would stay unclipped.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ def slice_batch(batch: Any, index: slice, size: int) -> Any:
 
 @dataclass
 class AuditResult:
-    """What :func:`audit` measured on the first two examples of a batch."""
+    """Measurements of :func:`audit` on the first two examples of a batch."""
 
     #: ``||g(x0, x1) - (g(x0) + g(x1)) / 2|| / ||(g(x0) + g(x1)) / 2||``.
     coupling: float
