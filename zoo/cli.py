@@ -76,8 +76,8 @@ def integer_trainer_options(args: list[str]) -> dict[str, int]:
             value = args[index + 1]
         else:
             continue
-        if name in ("--config", "-c", "--trainer") and Path(value).is_file():
-            config = yaml.safe_load(Path(value).read_text()) or {}
+        if name in ("--config", "-c", "--trainer"):
+            config = _yaml_argument(value)
             if name == "--trainer":
                 trainer = config
             else:
@@ -158,6 +158,18 @@ class ZooCLI(LightningCLI):
             callbacks.append(LineProgress())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+
+def _yaml_argument(value: str) -> Any:
+    """Return the YAML that a config argument names (a file) or holds (inline), else None."""
+    try:
+        if Path(value).is_file():
+            return yaml.safe_load(Path(value).read_text())
+        if value.lstrip().startswith("{"):
+            return yaml.safe_load(value)
+    except (OSError, yaml.YAMLError):
+        return None  # LightningCLI reports the unreadable argument itself.
+    return None
 
 
 class IntegerPreservingSaveConfig(SaveConfigCallback):

@@ -196,3 +196,5 @@ def test_integer_trainer_options_follow_argument_order(tmp_path: Path) -> None:
     assert integer_trainer_options(args) == {"limit_train_batches": 1, "limit_val_batches": 3}
     short = ["fit", "-c", str(config), "--trainer", str(trainer_file)]
     assert integer_trainer_options(short) == {"limit_val_batches": 2, "overfit_batches": 2}
+    inline = ["fit", "--trainer", "{limit_train_batches: 1, limit_val_batches: 0.5}"]
+    assert integer_trainer_options(inline) == {"limit_train_batches": 1}

@@ -402,3 +402,59 @@ def test_unreachable_budget_names_the_target() -> None:
         ValueError, match=r"target_epsilon=1e-06 at delta=1e-05.*Raise target_epsilon"
     ):
         _fit(_SmallNet(), DPSGD(target_epsilon=1e-6, accountant="rdp", epochs=1))
+
+
+class _ZeroHeadPenalized(_Penalized):
+    """Starts with a zero head, so its penalty has no gradient at the audited first step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn.init.zeros_(self.net[4].weight)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Any:
+        x, y = batch
+        penalty = 200.0 * self.net[4].weight.pow(2).sum()
+        losses = F.cross_entropy(self.net(x), y, reduction="none") + penalty
+        return {"loss": losses.mean(), "per_example_loss": losses}
+
+
+def test_ghost_checks_clipping_bound_on_every_step() -> None:
+    dpsgd = DPSGD(noise_multiplier=1e-9, grad_sample_mode="ghost", accountant="rdp")
+    trainer = pl.Trainer(
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[dpsgd],
+    )
+    with pytest.raises(RuntimeError, match=r"clipped gradient sum has norm .* more than"):
+        trainer.fit(_ZeroHeadPenalized(), train_dataloaders=DataLoader(_data(), batch_size=16))
+    assert 1 <= dpsgd.steps < 4
+
+
+def test_ghost_rejects_parameter_of_module_itself() -> None:
+    with pytest.raises(ValueError, match=r"parameters scale belong to _ModuleScale itself"):
+        _fit(_ModuleScale(), DPSGD(noise_multiplier=1.0, grad_sample_mode="ghost"))
+
+
+class _SummedLoss(_SmallNet):
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Any:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y, reduction="sum")
+
+
+def test_summed_loss_is_rejected_with_reason() -> None:
+    with pytest.raises(ValueError, match=r"is the sum over the batch, not the mean"):
+        _fit(_SummedLoss(per_example=False), DPSGD(noise_multiplier=1.0, accountant="rdp"))
+
+
+def test_slice_batch_keeps_per_example_names() -> None:
+    from zoo.privacy.independence import slice_batch
+
+    batch = {"x": torch.zeros(3, 2), "names": ["a", "b", "c"], "pair": (torch.ones(3), 7)}
+    sliced = slice_batch(batch, slice(0, 1), 3)
+    assert sliced["names"] == ["a"]
+    assert sliced["x"].shape == (1, 2)
+    assert sliced["pair"][0].shape == (1,)
+    assert sliced["pair"][1] == 7

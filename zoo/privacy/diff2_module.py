@@ -508,11 +508,11 @@ class Diff2Classifier(pl.LightningModule):
         limit = ESTIMATE_DIVERGENCE_FACTOR * scale
         if math.isfinite(estimate_norm) and estimate_norm <= limit:
             return
-        size = "is not finite" if not math.isfinite(estimate_norm) else f"exceeds {limit:.3g}"
+        size = "is not finite" if not math.isfinite(estimate_norm) else f"exceeds {limit:.4g}"
         self._warn_once(
             "estimate",
             f"DIFF2 is diverging: in round {self.algorithm.round_index - 1} the estimate "
-            f"norm ||v|| = {estimate_norm:.3g} {size}, {ESTIMATE_DIVERGENCE_FACTOR:g} times "
+            f"norm ||v|| = {estimate_norm:.4g} {size}, {ESTIMATE_DIVERGENCE_FACTOR:g} times "
             "the scale of a restart round's estimate. A smoothness-based clip grows with "
             "noisy steps and lets in more noise. Try a larger target_epsilon or "
             "local_sample_rate, a smaller lr or smoothness, or fewer local_steps.",

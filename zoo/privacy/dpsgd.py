@@ -342,6 +342,8 @@ class DPSGD(Callback):
         # Re-validate: a module may have built layers in its own setup() after ours ran.
         make_trainable_with_dp(pl_module, fix=False)
         mode = self.active_mode = resolve_grad_sample_mode(self.grad_sample_mode, pl_module)
+        if mode != "ew":
+            _check_module_parameters(pl_module)
         self._original_step = pl_module.training_step
         self._independence_pending = self.check_independence
         self.functorch_layers = []
@@ -811,6 +813,13 @@ def _raise_on_audit(result: independence.AuditResult, name: str, mode: str | Non
             "(batch statistics, BatchNorm in training mode) mixes examples, so per-example "
             "clipping bounds nothing and DP-SGD cannot train it."
         ) from result.single_example_error
+    if result.sum_reduced:
+        raise ValueError(
+            f"DP-SGD: the loss of {name}.training_step is the sum over the batch, not the "
+            "mean: its gradient on two examples is the sum of their single-example "
+            "gradients. DPSGD runs Opacus with loss_reduction='mean'. Return the mean "
+            "(for example reduction='mean' in the loss function)."
+        )
     if result.coupling > independence.TOLERANCE:
         raise ValueError(
             f"DP-SGD: {name} does not treat the examples of a batch independently: the "
@@ -831,21 +840,34 @@ def _raise_on_audit(result: independence.AuditResult, name: str, mode: str | Non
         cause = (
             "Ghost clipping measures each example's gradient norm inside the layer that owns "
             "a parameter, so a penalty inside 'per_example_loss' or a parameter used outside "
-            "its layer is left unclipped."
+            "its layer would be left unclipped."
         )
     else:
         cause = (
-            f"Opacus' {mode} mode sees a parameter only inside the layer that owns it, so a "
-            "penalty on the weights, a weight that another layer reuses (tied weights) or a "
-            "parameter of the LightningModule itself is left unclipped."
+            f"Opacus' {mode} mode sees a parameter only inside the layer that owns it, so it "
+            "drops a penalty on the weights or a weight that a functional call reuses."
         )
     raise ValueError(
         f"DP-SGD: grad_sample_mode={mode} gives per-example gradients that differ from each "
         f"example's own gradient, for {listed}. {cause} Put an L2 penalty into the "
-        "optimizer's weight_decay, keep each parameter inside one layer, or use "
-        "grad_sample_mode 'ew', which follows every use through linear, convolution, "
-        "embedding and normalization operations."
+        "optimizer's weight_decay instead. A weight reused by a functional call or a second "
+        "layer trains with grad_sample_mode 'ew' when every layer supports expanded weights."
     )
+
+
+def _check_module_parameters(pl_module: pl.LightningModule) -> None:
+    """Raise if the LightningModule owns trainable parameters directly, outside its layers.
+
+    Opacus' hooks and ghost clipping compute per-sample gradients per layer, and the
+    LightningModule's own forward is not a layer that the training step calls.
+    """
+    own = [name for name, p in pl_module.named_parameters(recurse=False) if p.requires_grad]
+    if own:
+        raise ValueError(
+            f"DP-SGD: parameters {', '.join(own)} belong to {type(pl_module).__name__} itself, "
+            "not to one of its layers, and Opacus computes per-sample gradients per layer. "
+            "Move them into a submodule (an nn.Module attribute whose forward uses them)."
+        )
 
 
 def _check_grad_samples(

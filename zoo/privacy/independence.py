@@ -12,6 +12,12 @@ It also checks the per-example gradients of the DP mode against each example's o
 gradient, because a mode can miss part of a parameter's use: Opacus' hooks and ghost
 clipping see a parameter only inside the layer that owns it, so a weight penalty or a
 weight reused by another layer would stay unclipped.
+
+NOTE: the audit runs once, on two examples, so it can miss mixing that depends on the
+batch's content (mixup that happens to pair an example with itself, class centroids of a
+batch with one class), mixing that starts after the first step, and a penalty whose
+gradient is zero at the first step. Its four extra training steps also reach whatever
+the training step updates besides the loss (metrics, counters, queues).
 """
 
 from __future__ import annotations
@@ -32,7 +38,14 @@ TOLERANCE = 1e-3
 
 #: Layers switched to eval mode during the check: their randomness is per example, and
 #: masks drawn in separate passes would differ.
-DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+DROPOUT_LAYERS = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
 
 
 def slice_batch(batch: Any, index: slice, size: int) -> Any:
@@ -43,6 +56,12 @@ def slice_batch(batch: Any, index: slice, size: int) -> Any:
         return {key: slice_batch(value, index, size) for key, value in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # named tuple
         return type(batch)(*(slice_batch(value, index, size) for value in batch))
+    if (
+        isinstance(batch, list)
+        and len(batch) == size
+        and not any(isinstance(value, (torch.Tensor, Mapping, list, tuple)) for value in batch)
+    ):
+        return batch[index]  # One plain value per example, such as file names.
     if isinstance(batch, (list, tuple)):
         return type(batch)(slice_batch(value, index, size) for value in batch)
     return batch
@@ -59,6 +78,8 @@ class AuditResult:
     mode_errors: dict[str, float]
     #: The exception the training step raised on a single example, if any.
     single_example_error: BaseException | None = None
+    #: Whether the two-example gradient is the sum, not the mean, of the single ones.
+    sum_reduced: bool = False
 
 
 def audit(
@@ -126,7 +147,9 @@ def audit(
             module.training = mode
     mean = (singles[0] + singles[1]) / 2
     coupling = ((pair - mean).norm() / mean.norm().clamp_min(1e-12)).item()
-    return AuditResult(coupling, _mode_errors(produced, singles, parameters, names))
+    summed = ((pair - 2 * mean).norm() / (2 * mean).norm().clamp_min(1e-12)).item()
+    errors = _mode_errors(produced, singles, parameters, names)
+    return AuditResult(coupling, errors, sum_reduced=summed <= TOLERANCE)
 
 
 def _mode_errors(

@@ -177,8 +177,10 @@ class ExpandedWeightsStep:
                 f"DP-SGD with grad_sample_mode 'ew': {error}. The training step of "
                 f"{type(self.pl_module).__name__} uses a parameter in an operation that "
                 "expanded weights cannot differentiate per example (they handle linear, "
-                "convolution, embedding and normalization layers). Use grad_sample_mode "
-                "'hooks'."
+                "convolution, embedding and normalization layers), for example a weight "
+                "penalty or a parameter of the module itself. Put an L2 penalty into the "
+                "optimizer's weight_decay, and move other uses into a layer with an Opacus "
+                "grad sampler and grad_sample_mode 'hooks'."
             ) from error
 
     def _empty_step(self) -> torch.Tensor:
@@ -252,6 +254,34 @@ class GhostClippingStep:
         DPTensorFastGradientClipping(
             self.hooks, self.optimizer(), per_example, loss_reduction="mean"
         ).backward()
+        self._check_clipped_sum()
+
+    def _check_clipped_sum(self) -> None:
+        """Raise if the clipped sum is longer than the sum of the clipped per-example norms.
+
+        Ghost clipping scales each example's loss by its clipping factor, computed from the
+        gradient norms inside the layers that own the parameters. A parameter that also
+        receives gradient elsewhere (a penalty in the per-example loss, a weight used by a
+        second layer) makes the weighted sum longer than the triangle inequality allows.
+        Checked on every step, it costs one norm over the gradients.
+        """
+        norms = self.hooks.per_sample_gradient_norms
+        bound = (self.hooks.get_clipping_coef() * norms).sum().item()
+        grads = [p.grad for p in self.hooks.trainable_parameters if p.grad is not None]
+        if not grads:
+            return
+        total = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads])
+        ).item()
+        if total > bound * (1 + 1e-3) + 1e-6:
+            raise RuntimeError(
+                f"DP-SGD ghost clipping: the clipped gradient sum has norm {total:.4g}, more "
+                f"than the {bound:.4g} that clipping allows, so some parameter receives "
+                "gradient outside the layer that owns it (a penalty inside "
+                "'per_example_loss', a weight reused by another layer or by a functional "
+                "call). That part is not clipped. Put an L2 penalty into the optimizer's "
+                "weight_decay, or use grad_sample_mode 'ew'."
+            )
 
 
 def per_example_losses(output: Any, batch_size: int, pl_module: nn.Module) -> torch.Tensor:
