@@ -288,13 +288,39 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2) from None
         argv = ["fit", "--config", str(path), *argv[2:]]
 
-    if from_command_line:
-        # DDP re-launches this command from sys.argv in every process, and LightningCLI
-        # reads sys.argv itself, so `zoo train NAME` is rewritten to its `fit` form there.
-        sys.argv = [sys.argv[0], *argv]
-        ZooCLI(run_name=run_name)
-    else:
+    if not from_command_line:
         ZooCLI(args=argv, run_name=run_name)
+        return
+    # DDP re-launches this command from sys.argv in every process, and LightningCLI
+    # reads sys.argv itself, so `zoo train NAME` is rewritten to its `fit` form there.
+    sys.argv = [sys.argv[0], *argv]
+    try:
+        ZooCLI(run_name=run_name)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        if os.environ.get("ZOO_TRACEBACK"):
+            raise
+        sys.stderr.write(
+            f"zoo: error: {short_error(error)}\n(set ZOO_TRACEBACK=1 to see the traceback)\n"
+        )
+        raise SystemExit(1) from None
+
+
+def short_error(error: BaseException) -> str:
+    """Return the message of an error in a user's input without jsonargparse's wrapping.
+
+    A constructor that rejects a value inside a ``class_path`` config reaches the user as
+    jsonargparse's "Does not validate against any of the Union subtypes" error, which
+    lists the constructor's message among the subtypes it tried and the whole namespace.
+    """
+    text = str(error)
+    if "Does not validate against any of the Union subtypes" not in text:
+        return f"{type(error).__name__}: {text}"
+    reasons = [
+        line.strip()[2:]
+        for line in text.splitlines()
+        if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line
+    ]
+    return "; ".join(reasons) if reasons else text
 
 
 if __name__ == "__main__":

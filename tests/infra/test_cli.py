@@ -198,3 +198,21 @@ def test_integer_trainer_options_follow_argument_order(tmp_path: Path) -> None:
     assert integer_trainer_options(short) == {"limit_val_batches": 2, "overfit_batches": 2}
     inline = ["fit", "--trainer", "{limit_train_batches: 1, limit_val_batches: 0.5}"]
     assert integer_trainer_options(inline) == {"limit_train_batches": 1}
+
+
+def test_invalid_value_gives_short_error(tmp_path: Path) -> None:
+    process = run_zoo(
+        [
+            "train",
+            "diff2-lvr-adult",
+            "--model.init_args.local_steps",
+            "0",
+            "--trainer.max_steps",
+            "0",
+        ],
+        cwd=tmp_path,
+        check=False,
+    )
+    assert process.returncode != 0
+    assert "zoo: error: local_steps must be an int >= 1, got 0." in process.stderr
+    assert "Traceback" not in process.stderr
