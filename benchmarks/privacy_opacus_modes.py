@@ -124,10 +124,12 @@ class _NetModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def lightning_epoch(dataset: TensorDataset, mode: str | None) -> float:
-    """Time one epoch of ``Trainer.fit``; ``mode=None`` trains without the DPSGD callback."""
-    torch.manual_seed(0)
-    callbacks = [] if mode is None else [DPSGD(noise_multiplier=1.0, grad_sample_mode=mode)]
+def timed_fit(
+    model: pl.LightningModule, data: object, dpsgd: DPSGD | None, **trainer_options: object
+) -> float:
+    """Fit one epoch, with ``dpsgd`` unless it is None, and return the epoch's batch time."""
+    timer = _EpochTimer()
+    callbacks: list[pl.Callback] = [timer] if dpsgd is None else [dpsgd, timer]
     trainer = pl.Trainer(
         max_epochs=1,
         accelerator="cpu",
@@ -137,11 +139,18 @@ def lightning_epoch(dataset: TensorDataset, mode: str | None) -> float:
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,
+        **trainer_options,
     )
-    timer = _EpochTimer()
-    trainer.callbacks.append(timer)
-    trainer.fit(_NetModule(), DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True))
+    trainer.fit(model, data)
     return timer.seconds
+
+
+def lightning_epoch(dataset: TensorDataset, mode: str | None) -> float:
+    """Time one epoch of ``Trainer.fit``; ``mode=None`` trains without the DPSGD callback."""
+    torch.manual_seed(0)
+    dpsgd = None if mode is None else DPSGD(noise_multiplier=1.0, grad_sample_mode=mode)
+    loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True)
+    return timed_fit(_NetModule(), loader, dpsgd)
 
 
 class _EpochTimer(pl.Callback):
@@ -169,31 +178,16 @@ def mnist_epoch(data_dir: str, mode: str | None) -> float:
     from zoo.hub import create_model
 
     torch.manual_seed(0)
-    callbacks: list[pl.Callback] = []
+    dpsgd = None
     if mode is not None:
-        callbacks.append(
-            DPSGD(
-                noise_multiplier=0.68,
-                max_physical_batch_size=256,
-                grad_sample_mode=mode,
-                accountant="rdp",
-            )
+        dpsgd = DPSGD(
+            noise_multiplier=0.68,
+            max_physical_batch_size=256,
+            grad_sample_mode=mode,
+            accountant="rdp",
         )
-    timer = _EpochTimer()
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[*callbacks, timer],
-    )
     data = MNISTDataModule(data_dir=data_dir, batch_size=512, val_size=5000, download=False)
-    trainer.fit(create_model("dp-mnist-eps3"), data)
-    return timer.seconds
+    return timed_fit(create_model("dp-mnist-eps3"), data, dpsgd, limit_val_batches=0)
 
 
 def accountant_seconds(accountant: str, steps: int) -> float:

@@ -65,17 +65,22 @@ def _data() -> TensorDataset:
     )
 
 
-def _fit(model: pl.LightningModule, dpsgd: DPSGD, callbacks: list[Callback] = ()) -> pl.Trainer:
-    trainer = pl.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        devices=1,
+def _trainer(callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
+    """Return a CPU Trainer without logging, checkpoints or progress output."""
+    options: dict[str, Any] = {"max_steps": 1, "accelerator": "cpu", "devices": 1}
+    options.update(kwargs)
+    return pl.Trainer(
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[dpsgd, *callbacks],
+        callbacks=callbacks,
+        **options,
     )
+
+
+def _fit(model: pl.LightningModule, dpsgd: DPSGD, callbacks: list[Callback] = ()) -> pl.Trainer:
+    trainer = _trainer([dpsgd, *callbacks])
     trainer.fit(model, train_dataloaders=DataLoader(_data(), batch_size=16))
     return trainer
 
@@ -327,16 +332,11 @@ def test_ode_classifier_is_rejected_as_coupling_examples() -> None:
     from zoo.hub import create_model
 
     model = create_model("ode-digits-ernode")
-    trainer = pl.Trainer(
+    trainer = _trainer(
+        [DPSGD(noise_multiplier=1.0, accountant="rdp")],
         max_steps=1,
         max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[DPSGD(noise_multiplier=1.0, accountant="rdp")],
     )
     with pytest.raises(ValueError, match=r"ODEClassifier does not treat the examples"):
         trainer.fit(model, DigitsDataModule(batch_size=16))
@@ -368,15 +368,7 @@ def test_empty_poisson_batches_still_take_noisy_steps(mode: str) -> None:
     probe.sizes = []
     model = _SmallNet()
     dpsgd = DPSGD(noise_multiplier=1.0, grad_sample_mode=mode, accountant="rdp", seed=1)
-    trainer = pl.Trainer(
-        max_steps=20,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[dpsgd, probe],
-    )
+    trainer = _trainer([dpsgd, probe], max_steps=20)
     trainer.fit(model, train_dataloaders=DataLoader(_data(), batch_size=1))
     assert 0 in probe.sizes
     assert dpsgd.steps == trainer.global_step == 20
@@ -384,15 +376,7 @@ def test_empty_poisson_batches_still_take_noisy_steps(mode: str) -> None:
 
 def test_batch_limit_with_physical_batches_is_rejected() -> None:
     dpsgd = DPSGD(noise_multiplier=1.0, accountant="rdp", max_physical_batch_size=4)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        limit_train_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[dpsgd],
-    )
+    trainer = _trainer([dpsgd], max_epochs=1, limit_train_batches=1)
     with pytest.raises(ValueError, match=r"limit_train_batches=1 with max_physical_batch_size=4"):
         trainer.fit(_SmallNet(), train_dataloaders=DataLoader(_data(), batch_size=16))
 
@@ -420,14 +404,7 @@ class _ZeroHeadPenalized(_Penalized):
 
 def test_ghost_checks_clipping_bound_on_every_step() -> None:
     dpsgd = DPSGD(noise_multiplier=1e-9, grad_sample_mode="ghost", accountant="rdp")
-    trainer = pl.Trainer(
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[dpsgd],
-    )
+    trainer = _trainer([dpsgd], max_steps=4)
     with pytest.raises(RuntimeError, match=r"clipped gradient sum has norm .* more than"):
         trainer.fit(_ZeroHeadPenalized(), train_dataloaders=DataLoader(_data(), batch_size=16))
     assert 1 <= dpsgd.steps < 4
