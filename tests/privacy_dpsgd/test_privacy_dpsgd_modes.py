@@ -355,7 +355,7 @@ def test_noise_is_not_determined_by_global_seed() -> None:
     assert torch.equal(weights[2], weights[3])
 
 
-@pytest.mark.parametrize("mode", ["ew", "hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["ew", "hooks", "functorch", "ghost"])
 def test_empty_poisson_batches_still_take_noisy_steps(mode: str) -> None:
     # An expected batch of one example out of 64 leaves about a third of the batches empty.
     class _Sizes(Callback):

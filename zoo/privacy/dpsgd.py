@@ -46,6 +46,7 @@ from zoo.privacy.compatibility import make_trainable_with_dp
 from zoo.privacy.loader import PoissonTrainLoader, noise_generator, sampling_generator
 from zoo.privacy.modes import (
     GRAD_SAMPLE_MODES,
+    EmptyBatchStep,
     ExpandedWeightsStep,
     GhostClippingStep,
     batch_size_of,
@@ -200,7 +201,7 @@ class DPSGD(Callback):
         self.optimizer: DPOptimizer | None = None
         self.train_loader: PoissonTrainLoader | None = None
         self._hooks: Any = None
-        self._step_wrapper: ExpandedWeightsStep | GhostClippingStep | None = None
+        self._step_wrapper: ExpandedWeightsStep | GhostClippingStep | EmptyBatchStep | None = None
         self._original_step: Any = None
         self._independence_pending = False
         self._original_optimizer: torch.optim.Optimizer | None = None
@@ -367,6 +368,8 @@ class DPSGD(Callback):
                 self._step_wrapper = GhostClippingStep(
                     pl_module, self._hooks, lambda: self.optimizer
                 )
+            elif mode == "functorch":
+                self._step_wrapper = EmptyBatchStep(pl_module)
         if self._step_wrapper is not None:
             self._step_wrapper.install()
         if self.functorch_layers and mode in ("hooks", "ghost"):

@@ -161,7 +161,7 @@ class ExpandedWeightsStep:
     def _training_step(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
         size = batch_size_of(batch)
         if size == 0:
-            return self._empty_step()
+            return empty_batch_loss(self.pl_module)
         # Per-example gradients of the previous step are consumed by the optimizer step;
         # Lightning clears them only after this training step, and expanded weights refuse
         # to start while they exist.
@@ -183,22 +183,49 @@ class ExpandedWeightsStep:
                 "grad sampler and grad_sample_mode 'hooks'."
             ) from error
 
-    def _empty_step(self) -> torch.Tensor:
-        """Return a zero loss for an empty Poisson batch, with empty per-example gradients.
 
-        Expanded weights need at least one example. The optimizer still adds the noise,
-        because an empty batch is a valid draw of Poisson sampling.
-        """
-        parameters = [p for p in self.pl_module.parameters() if p.requires_grad]
-        loss = torch.stack([0.0 * parameter.sum() for parameter in parameters]).sum()
+def empty_batch_loss(pl_module: nn.Module) -> torch.Tensor:
+    """Return a zero loss for an empty Poisson batch that leaves empty per-example gradients.
 
-        def set_empty_grad_samples(grad: torch.Tensor) -> None:
-            # Runs in the backward pass, after Lightning's zero_grad cleared grad_sample.
-            for parameter in parameters:
-                parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
+    Expanded weights and torch.func need at least one example. The optimizer still adds
+    the noise, because an empty batch is a valid draw of Poisson sampling.
+    """
+    parameters = [p for p in pl_module.parameters() if p.requires_grad]
+    loss = torch.stack([0.0 * parameter.sum() for parameter in parameters]).sum()
 
-        loss.register_hook(set_empty_grad_samples)
-        return loss
+    def set_empty_grad_samples(grad: torch.Tensor) -> None:
+        # Runs in the backward pass, after Lightning's zero_grad cleared grad_sample.
+        for parameter in parameters:
+            parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
+
+    loss.register_hook(set_empty_grad_samples)
+    return loss
+
+
+class EmptyBatchStep:
+    """Run ``training_step`` as it is, except on an empty batch (for the ``functorch`` mode).
+
+    Args:
+        pl_module: The module whose training step to run.
+    """
+
+    def __init__(self, pl_module: pl.LightningModule) -> None:
+        self.pl_module = pl_module
+        self._original = pl_module.training_step
+
+    def install(self) -> None:
+        """Route ``pl_module.training_step`` through the empty-batch check."""
+        self.pl_module.training_step = self._training_step  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        """Restore the module's own ``training_step``."""
+        if self.pl_module.__dict__.get("training_step") == self._training_step:
+            del self.pl_module.training_step
+
+    def _training_step(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        if batch_size_of(batch) == 0:
+            return empty_batch_loss(self.pl_module)
+        return self._original(batch, *args, **kwargs)
 
 
 class GhostClippingStep:
