@@ -172,8 +172,11 @@ class _EpochTimer(pl.Callback):
         self.seconds = time.perf_counter() - self._start
 
 
-def mnist_epoch(data_dir: str, mode: str | None) -> float:
-    """Time one epoch of the ``dp-mnist-eps3`` model on real MNIST; ``None`` is non-private."""
+def mnist_epoch(data_dir: str, mode: str | None, physical_batch_size: int | None = 256) -> float:
+    """Time one epoch of the ``dp-mnist-eps3`` model on real MNIST; ``None`` is non-private.
+
+    ``physical_batch_size=None`` puts each logical batch through the model at once.
+    """
     from zoo.datamodules.mnist import MNISTDataModule
     from zoo.hub import create_model
 
@@ -182,7 +185,7 @@ def mnist_epoch(data_dir: str, mode: str | None) -> float:
     if mode is not None:
         dpsgd = DPSGD(
             noise_multiplier=0.68,
-            max_physical_batch_size=256,
+            max_physical_batch_size=physical_batch_size,
             grad_sample_mode=mode,
             accountant="rdp",
         )
@@ -251,6 +254,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timings per configuration")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--mnist-dir", default=None, help="data folder with mnist/ (optional)")
+    parser.add_argument(
+        "--physical-batch-size",
+        type=int,
+        default=256,
+        help="largest physical batch of the MNIST setting; 0 runs each logical batch at once",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -266,11 +275,17 @@ def main() -> None:
     configs["zoo lightning / none"] = lambda: lightning_epoch(dataset, None)
     for mode in OPACUS_MODES:
         configs[f"zoo lightning / {mode}"] = lambda mode=mode: lightning_epoch(dataset, mode)
+    if args.physical_batch_size < 0:
+        parser.error(
+            f"--physical-batch-size must be >= 0, got {args.physical_batch_size}; "
+            "0 runs each logical batch at once."
+        )
+    physical = args.physical_batch_size or None
     if args.mnist_dir is not None:
         configs["mnist dp-mnist-eps3 / none"] = lambda: mnist_epoch(args.mnist_dir, None)
         for mode in OPACUS_MODES:
             configs[f"mnist dp-mnist-eps3 / {mode}"] = lambda mode=mode: mnist_epoch(
-                args.mnist_dir, mode
+                args.mnist_dir, mode, physical
             )
 
     times: dict[str, list[float]] = {name: [] for name in configs}

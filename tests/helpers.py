@@ -1,4 +1,4 @@
-"""Helpers for tests that run the ``zoo`` command in a subprocess."""
+"""Test helpers: the ``zoo`` command in a subprocess, and a quiet in-process Trainer."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,3 +41,20 @@ def run_zoo(
             f"--- stdout ---\n{process.stdout[-4000:]}\n--- stderr ---\n{process.stderr[-6000:]}"
         )
     return process
+
+
+def quiet_trainer(callbacks: list[pl.Callback], **options: Any) -> pl.Trainer:
+    """Return a one-device CPU Trainer without loggers, checkpoints or progress output.
+
+    ``options`` go to ``pl.Trainer`` (``max_steps``, ``max_epochs``, ``limit_val_batches``...).
+    """
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **options,
+    )

@@ -161,7 +161,7 @@ class ZooCLI(LightningCLI):
 
 
 def _yaml_argument(value: str) -> Any:
-    """Return the YAML that a config argument names (a file) or holds (inline), else None."""
+    """Return the YAML of a config argument, read from its file or inline, else None."""
     try:
         if Path(value).is_file():
             return yaml.safe_load(Path(value).read_text())

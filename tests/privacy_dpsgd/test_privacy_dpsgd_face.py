@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -12,6 +11,7 @@ from opacus.accountants import RDPAccountant
 from opacus.grad_sample import GradSampleModule
 from PIL import Image
 
+from tests.helpers import quiet_trainer
 from zoo.datamodules.faces import FaceDataModule
 from zoo.privacy.compatibility import make_trainable_with_dp
 from zoo.privacy.dpsgd import DPSGD
@@ -93,17 +93,7 @@ def test_dp_face_fit_epsilon_equals_accountant(tmp_path: Path) -> None:
     module = _module(num_classes=5)
     before = module.proxies.weight.detach().clone()
     dpsgd = DPSGD(noise_multiplier=1.0, accountant="rdp", seed=0)
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[dpsgd],
-    )
+    trainer = quiet_trainer([dpsgd], max_epochs=2, num_sanity_val_steps=0)
     trainer.fit(module, data)
 
     sample_rate = 1 / len(data.train_dataloader())

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.helpers import quiet_trainer
 from zoo.privacy.dpsgd import DPSGD, _check_grad_samples
 
 
@@ -39,16 +40,8 @@ class _DiscardedCallModel(pl.LightningModule):
 def _fit(model: pl.LightningModule, mode: str = "hooks") -> None:
     generator = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(64, 4, generator=generator), torch.randint(0, 2, (64,)))
-    trainer = pl.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[DPSGD(noise_multiplier=1.0, accountant="rdp", seed=0, grad_sample_mode=mode)],
-    )
+    dpsgd = DPSGD(noise_multiplier=1.0, accountant="rdp", seed=0, grad_sample_mode=mode)
+    trainer = quiet_trainer([dpsgd], max_steps=2)
     trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=16))
 
 

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.helpers import quiet_trainer
 from zoo.privacy.dpsgd import DPSGD
 from zoo.privacy.modes import batch_size_of, layers_without_expanded_weights
 
@@ -65,18 +66,9 @@ def _data() -> TensorDataset:
     )
 
 
-def _trainer(callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
-    """Return a CPU Trainer without logging, checkpoints or progress output."""
-    options: dict[str, Any] = {"max_steps": 1, "accelerator": "cpu", "devices": 1}
-    options.update(kwargs)
-    return pl.Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        **options,
-    )
+def _trainer(callbacks: list[Callback], **options: Any) -> pl.Trainer:
+    """Return a quiet CPU Trainer that takes one step unless ``options`` say otherwise."""
+    return quiet_trainer(callbacks, **{"max_steps": 1, **options})
 
 
 def _fit(model: pl.LightningModule, dpsgd: DPSGD, callbacks: list[Callback] = ()) -> pl.Trainer:
@@ -100,7 +92,7 @@ def _clipped_sum(model: _SmallNet, x: Tensor, y: Tensor) -> list[Tensor]:
 
 
 @pytest.mark.parametrize("mode", ["hooks", "functorch", "ew", "ghost"])
-def test_private_step_is_clipped_mean_plus_calibrated_noise(mode: str) -> None:
+def test_private_step_clipped_mean_and_noise(mode: str) -> None:
     updates = {}
     for noise_multiplier in (1e-9, 2.0):
         torch.manual_seed(0)
@@ -171,7 +163,7 @@ def test_ghost_needs_per_example_losses() -> None:
         _fit(_SmallNet(per_example=False), DPSGD(noise_multiplier=1.0, grad_sample_mode="ghost"))
 
 
-def test_ghost_rejects_loss_terms_outside_per_example_losses() -> None:
+def test_ghost_rejects_extra_loss_terms() -> None:
     with pytest.raises(ValueError, match=r"mean of 'per_example_loss' is .* would be dropped"):
         _fit(
             _SmallNet(regularize=0.1),
@@ -281,7 +273,7 @@ class _WithDropout(_SmallNet):
         (_BatchStatistics, r"_BatchStatistics.training_step failed on a batch of one example"),
     ],
 )
-def test_model_mixing_examples_is_rejected(mode: str, model_class: type, match: str) -> None:
+def test_mixing_model_rejected(mode: str, model_class: type, match: str) -> None:
     model = model_class()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=match):
@@ -300,7 +292,7 @@ def test_model_mixing_examples_is_rejected(mode: str, model_class: type, match: 
         (_ModuleScale, "hooks", r"parameters scale belong to _ModuleScale itself"),
     ],
 )
-def test_unclipped_parameter_use_is_rejected(model_class: type, mode: str, match: str) -> None:
+def test_unclipped_parameter_use_rejected(model_class: type, mode: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _fit(model_class(), DPSGD(noise_multiplier=1.0, grad_sample_mode=mode, accountant="rdp"))
 
@@ -324,7 +316,7 @@ def test_independence_check_can_be_switched_off() -> None:
     assert dpsgd.steps == 1
 
 
-def test_ode_classifier_is_rejected_as_coupling_examples() -> None:
+def test_ode_classifier_rejected_as_coupled() -> None:
     # Every layer of the ODE classifier supports expanded weights, so "auto" picks them, but
     # its gradient on two images differs from the mean of the single-image gradients (by
     # 2.4% for this config), which the independence check reports before any step.
@@ -342,7 +334,7 @@ def test_ode_classifier_is_rejected_as_coupling_examples() -> None:
         trainer.fit(model, DigitsDataModule(batch_size=16))
 
 
-def test_noise_is_not_determined_by_global_seed() -> None:
+def test_noise_ignores_global_seed() -> None:
     weights = []
     for seed in (None, None, 5, 5):
         pl.seed_everything(0)
@@ -356,7 +348,7 @@ def test_noise_is_not_determined_by_global_seed() -> None:
 
 
 @pytest.mark.parametrize("mode", ["ew", "hooks", "functorch", "ghost"])
-def test_empty_poisson_batches_still_take_noisy_steps(mode: str) -> None:
+def test_empty_batches_take_noisy_steps(mode: str) -> None:
     # An expected batch of one example out of 64 leaves about a third of the batches empty.
     class _Sizes(Callback):
         sizes: list[int] = []
@@ -374,7 +366,7 @@ def test_empty_poisson_batches_still_take_noisy_steps(mode: str) -> None:
     assert dpsgd.steps == trainer.global_step == 20
 
 
-def test_batch_limit_with_physical_batches_is_rejected() -> None:
+def test_batch_limit_with_physical_batches() -> None:
     dpsgd = DPSGD(noise_multiplier=1.0, accountant="rdp", max_physical_batch_size=4)
     trainer = _trainer([dpsgd], max_epochs=1, limit_train_batches=1)
     with pytest.raises(ValueError, match=r"limit_train_batches=1 with max_physical_batch_size=4"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import zoo
-from tests.helpers import REPO_ROOT, run_zoo
+from tests.helpers import REPO_ROOT, quiet_trainer, run_zoo
 from zoo import hub
 from zoo.datamodules.mnist import MNISTDataModule
 from zoo.privacy import accounting
@@ -58,17 +58,7 @@ def test_dp_mnist_fine_tune_continues_accountant(shared_data: Path) -> None:
         data_dir=str(shared_data), download=False, batch_size=100, subset=1000, val_size=1000
     )
     dpsgd = DPSGD(noise_multiplier=1.0, accountant=prior["accountant"])
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[dpsgd],
-    )
+    trainer = quiet_trainer([dpsgd], max_epochs=1, limit_val_batches=0)
     trainer.fit(model, dm)
     prior_history = accounting.normalise_history(prior["history"])
     assert dpsgd.history == [*prior_history, (1.0, 0.1, 10)]

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.helpers import quiet_trainer
 from zoo.privacy import accounting
 from zoo.privacy.dpsgd import DPSGD
 
@@ -31,16 +32,7 @@ class _Linear(pl.LightningModule):
 def _fit(model: pl.LightningModule, dpsgd: DPSGD) -> pl.Trainer:
     generator = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(64, 4, generator=generator), torch.randint(0, 2, (64,)))
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[dpsgd],
-    )
+    trainer = quiet_trainer([dpsgd], max_epochs=1)
     trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=16))
     return trainer
 

@@ -9,9 +9,9 @@ audit therefore tests the property itself: the gradient of the loss on two examp
 equal the mean of the gradients of each example alone.
 
 It also checks the per-example gradients of the DP mode against each example's own
-gradient, because a mode can miss part of a parameter's use: Opacus' hooks and ghost
-clipping see a parameter only inside the layer that owns it, so a weight penalty or a
-weight reused by another layer would stay unclipped.
+gradient, because a mode can miss part of a parameter's use. Opacus' hooks and ghost
+clipping see a parameter only inside the layer that owns it. A weight penalty, or a weight
+that another layer reuses, would then stay unclipped.
 
 NOTE: the audit runs once, on two examples, so it can miss mixing that depends on the
 batch's content (mixup that happens to pair an example with itself, class centroids of a

@@ -1,11 +1,12 @@
-"""How the DPSGD callback obtains clipped per-example gradients in each Opacus mode.
+"""Wiring of the DPSGD callback into the training step for each Opacus per-example mode.
 
 Opacus offers four ways to compute per-example gradients, and each reaches into the
 training step differently:
 
 - ``hooks`` and ``functorch``: forward and backward hooks on the layers compute each
-  example's gradient from the layer's input and output gradient. Nothing in the training
-  step changes; the callback attaches Opacus' hooks to the module Lightning runs.
+  example's gradient from the layer's input and output gradient. The callback attaches
+  Opacus' hooks to the module Lightning runs. In ``functorch`` mode an empty Poisson batch
+  skips the training step (:class:`EmptyBatchStep`), because torch.func needs an example.
 - ``ew`` (expanded weights): the parameters are replaced, for the length of one training
   step, by PyTorch ``ExpandedWeight`` tensors, whose linear, convolution, embedding and
   normalization operations write each example's gradient to ``parameter.grad_sample`` during
